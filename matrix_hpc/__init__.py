@@ -1,0 +1,35 @@
+"""matrix-hpc: peer-to-peer multi-agent synthetic data generation.
+
+A job author needs five names: ``Agent`` (base for stateful agents), ``Context`` (what a step
+receives beside the payload), ``DONE`` (the role that ends a task), ``load_job`` and ``run``.
+"""
+
+from __future__ import annotations
+
+import os as _os
+
+# Generated protobuf code lives in matrix_hpc/_gen/matrix_hpc/... and imports itself as
+# ``matrix_hpc.v1.task_pb2``; extending our package path makes those imports resolve
+# without rewriting generated files.
+__path__.append(_os.path.join(_os.path.dirname(__file__), "_gen", "matrix_hpc"))  # noqa: F821
+
+DONE = "done"
+
+__all__ = ["DONE", "Agent", "Context", "load_job", "run"]
+
+
+def __getattr__(name: str):
+    # Lazy so that `matrix-hpc --help` and the services do not pay for importing Ray.
+    if name in ("Agent", "Context"):
+        from matrix_hpc.runtime import context
+
+        return getattr(context, name)
+    if name == "load_job":
+        from matrix_hpc.job.load import load_job
+
+        return load_job
+    if name == "run":
+        from matrix_hpc.runtime.driver import run
+
+        return run
+    raise AttributeError(name)

@@ -1,0 +1,47 @@
+"""``matrix-hpc``: one command, one sub-command per concern.
+
+Each concern owns its sub-commands in its own ``cli.py`` (a ``register`` function adding
+parsers with ``func=`` handlers returning an exit code); this file only wires them together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (module, function): each adds its sub-commands to the parser it is given.
+_TOP_LEVEL = [
+    ("matrix_hpc.runtime.cli", "register"),  # run, resume
+    ("matrix_hpc.store.cli", "register"),  # export, status
+    ("matrix_hpc.services.sandbox.cli", "register_image"),  # image build
+]
+_SERVE = [
+    ("matrix_hpc.services.llm.cli", "register_serve"),  # serve llm
+    ("matrix_hpc.services.sandbox.cli", "register_serve"),  # serve sandbox
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="matrix-hpc",
+        description="Generate synthetic data with many cooperating LLM agents, "
+        "on a laptop (local Ray) or a Slurm GPU cluster.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module, func in _TOP_LEVEL:
+        getattr(importlib.import_module(module), func)(sub)
+    serve = sub.add_parser("serve", help="run one service (llm, sandbox) as a standalone gRPC server")
+    serve_sub = serve.add_subparsers(dest="service", metavar="SERVICE", required=True)
+    for module, func in _SERVE:
+        getattr(importlib.import_module(module), func)(serve_sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
