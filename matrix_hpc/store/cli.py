@@ -1,7 +1,97 @@
-"""Sub-commands ``export`` and ``status`` (filled by the run store)."""
+"""Sub-commands ``export`` and ``status`` of ``matrix-hpc``."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+from pathlib import Path
+
 
 def register(sub) -> None:
-    pass
+    p = sub.add_parser(
+        "export",
+        help="write a run's results as JSONL or Parquet (works while the run goes on)",
+        description="Write the committed results of a run as one JSON object per row (the payload's "
+        "proto fields, plus task_id, row_id, row_index, trial), ready for Hugging Face `datasets`. "
+        "Rows still in flight are not included; run it again later for more.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="the run directory (holds store.zarr)")
+    p.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl", help="output format")
+    p.add_argument("--failed", action="store_true",
+                   help="export the failed rows instead (each with its error: role, message, traceback)")
+    p.add_argument("-o", "--out", type=Path, default=None,
+                   help="output file (default: RUN_DIR/results.<format>, or RUN_DIR/failed.<format>)")
+    p.set_defaults(func=_export)
+
+    s = sub.add_parser(
+        "status",
+        help="show a run's progress: done, failed, in flight, pending, throughput",
+        description="Show the totals of a run (done, failed, in flight at the last checkpoint, "
+        "pending), its throughput and the time of its last checkpoint. Read-only: safe to run "
+        "while the run is going on, from any node that sees the run directory.",
+    )
+    s.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="the run directory (holds store.zarr)")
+    s.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    s.set_defaults(func=_status)
+
+
+def _export(args) -> int:
+    from matrix_hpc.store.export import export
+    from matrix_hpc.store.run_store import StoreError
+
+    out = args.out or args.run_dir / f"{'failed' if args.failed else 'results'}.{args.format}"
+    try:
+        n = export(args.run_dir, out, format=args.format, failed=args.failed)
+    except StoreError as e:
+        print(f"matrix-hpc export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {n} {'failed ' if args.failed else ''}row(s) to {out}")
+    return 0
+
+
+def _fmt(v, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.1f}{unit}"
+    if isinstance(v, int):
+        return f"{v:,}{unit}"
+    return f"{v}{unit}"
+
+
+def _status(args) -> int:
+    from matrix_hpc.store.run_store import RunStore, StoreError
+
+    try:
+        st = RunStore.open(args.run_dir).status()
+    except StoreError as e:
+        print(f"matrix-hpc status: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    total = st["total"] or 0
+    pct = f" ({100 * st['committed'] / total:.1f}%)" if total else ""
+    lines = [
+        f"run        {st['run_dir']}",
+        f"payload    {st['payload_type']}",
+        f"total      {_fmt(st['total'])}",
+        f"done       {_fmt(st['done'])}",
+        f"failed     {_fmt(st['failed'])}",
+        f"committed  {_fmt(st['committed'])}{pct}",
+        f"pending    {_fmt(st['pending'])}   (of which in flight at the last checkpoint: "
+        f"{_fmt(st['in_flight_at_last_checkpoint'])})",
+        f"last checkpoint   {_fmt(st['last_checkpoint_time'])}",
+        f"commits    first {_fmt(st['first_commit_time'])}, last {_fmt(st['last_commit_time'])}, "
+        f"{st['writers']} writer(s)",
+        f"throughput {_fmt(st['throughput_rows_per_s'], ' rows/s')} overall, "
+        f"{_fmt(st['recent_rows_per_s'], ' rows/s')} over the last minute",
+    ]
+    if st["duplicates"]:
+        lines.append(f"warning    {st['duplicates']} row(s) committed twice (the first is kept)")
+    if st["torn_segments"]:
+        lines.append(f"note       {st['torn_segments']} torn commit(s) ignored (their rows are redone on resume)")
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,138 @@
+"""Export committed results as JSON Lines or Parquet, ready for Hugging Face ``datasets``.
+
+Payloads are decoded with the descriptor set stored in the run directory (a private
+DescriptorPool), so exporting never imports the job's code and works on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
+
+from matrix_hpc.store._durable import TMP_SUFFIX
+from matrix_hpc.store.run_store import DONE, FAILED, RunStore, StoreError
+from matrix_hpc.v1 import task_pb2
+
+FORMATS = ("jsonl", "parquet")
+META_FIELDS = ("task_id", "row_id", "row_index", "trial")
+
+
+class PayloadDecoder:
+    """Decodes ``google.protobuf.Any`` payloads with message classes built from a descriptor set."""
+
+    def __init__(self, descriptor_set: bytes, payload_type: str):
+        fds = descriptor_pb2.FileDescriptorSet()
+        try:
+            fds.ParseFromString(descriptor_set)
+        except Exception as e:
+            raise StoreError(f"payload.desc is not a FileDescriptorSet: {e}") from e
+        self.pool = descriptor_pool.DescriptorPool()
+        for f in fds.file:  # protoc --include_imports writes dependencies first
+            try:
+                self.pool.Add(f)
+            except Exception as e:
+                raise StoreError(f"payload.desc: cannot load {f.name}: {e}") from e
+        self.payload_type = payload_type
+        self._classes: dict[str, type] = {}
+
+    def message_class(self, full_name: str):
+        cls = self._classes.get(full_name)
+        if cls is None:
+            try:
+                desc = self.pool.FindMessageTypeByName(full_name)
+            except KeyError as e:
+                raise StoreError(f"payload type {full_name!r} is not in payload.desc") from e
+            cls = self._classes[full_name] = message_factory.GetMessageClass(desc)
+        return cls
+
+    def to_dict(self, msg) -> dict:
+        return json_format.MessageToDict(
+            msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True,
+            descriptor_pool=self.pool, unquote_int64_if_possible=True)
+
+    def payload_dict(self, task: task_pb2.Task) -> dict:
+        if not task.HasField("payload"):
+            return {}
+        type_name = task.payload.type_url.rsplit("/", 1)[-1] or self.payload_type
+        msg = self.message_class(type_name)()
+        msg.ParseFromString(task.payload.value)
+        return self.to_dict(msg)
+
+
+def _rows(store: RunStore, failed: bool) -> Iterator[dict]:
+    dec = PayloadDecoder(store.descriptor_set, store.payload_type)
+    for raw in store.iter_results(status=FAILED if failed else DONE):
+        task = task_pb2.Task.FromString(raw)
+        row = dec.payload_dict(task)
+        meta = {"task_id": task.task_id, "row_id": task.row_id, "row_index": task.row_index,
+                "trial": task.trial}
+        if failed:
+            meta["error"] = json_format.MessageToDict(task.error, preserving_proto_field_name=True,
+                                                      always_print_fields_with_no_presence=True)
+        for k, v in meta.items():
+            # a payload field of the same name wins; ours moves aside rather than overwrite it
+            row["matrix_" + k if k in row else k] = v
+        yield row
+
+
+def export(run_dir: Path, out: Path, *, format: str = "jsonl", failed: bool = False) -> int:
+    """Write the committed done (or, with ``failed``, failed) rows of a run to ``out``.
+
+    Each row is the payload as a JSON object (proto field names, defaults included) plus
+    task_id, row_id, row_index, trial (and error when ``failed``). The file appears under its
+    final name only once complete. Returns the number of rows written.
+    """
+    if format not in FORMATS:
+        raise StoreError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    store = RunStore.open(Path(run_dir))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}{TMP_SUFFIX}")
+    try:
+        n = _write_jsonl(store, failed, tmp) if format == "jsonl" else _write_parquet(store, failed, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
+
+
+def _write_jsonl(store: RunStore, failed: bool, path: Path) -> int:
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for row in _rows(store, failed):
+            f.write(json.dumps(row, ensure_ascii=False))
+            f.write("\n")
+            n += 1
+    return n
+
+
+def _write_parquet(store: RunStore, failed: bool, path: Path, batch: int = 5000) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def batches():
+        buf = []
+        for row in _rows(store, failed):
+            buf.append(row)
+            if len(buf) == batch:
+                yield buf
+                buf = []
+        if buf:
+            yield buf
+
+    # Pass 1: one schema for all rows (a message field unset in early rows, an empty list...).
+    schemas = [pa.Table.from_pylist(b).schema for b in batches()]
+    if not schemas:
+        pq.write_table(pa.table({k: pa.array([], pa.string()) for k in META_FIELDS}), path)
+        return 0
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    n = 0
+    with pq.ParquetWriter(path, schema) as w:
+        for b in batches():
+            w.write_table(pa.Table.from_pylist(b, schema=schema))
+            n += len(b)
+    return n
