@@ -92,6 +92,7 @@ def _status(args) -> int:
     if st["duplicates"]:
         lines.append(f"warning    {st['duplicates']} row(s) committed twice (the first is kept)")
     if st["torn_segments"]:
-        lines.append(f"note       {st['torn_segments']} torn commit(s) ignored (their rows are redone on resume)")
+        lines.append(f"note       {st['torn_segments']} torn commit(s) ignored "
+                     "(their rows are redone on resume)")
     print("\n".join(lines))
     return 0

@@ -124,8 +124,16 @@ def _write_parquet(store: RunStore, failed: bool, path: Path, batch: int = 5000)
         if buf:
             yield buf
 
+    def table(rows, schema=None):
+        # columns over the union of keys: an unset message field is absent from some rows
+        keys = dict.fromkeys(k for r in rows for k in r)
+        if schema is not None:
+            keys = dict.fromkeys(schema.names)
+        cols = {k: [r.get(k) for r in rows] for k in keys}
+        return pa.Table.from_pydict(cols, schema=schema)
+
     # Pass 1: one schema for all rows (a message field unset in early rows, an empty list...).
-    schemas = [pa.Table.from_pylist(b).schema for b in batches()]
+    schemas = [table(b).schema for b in batches()]
     if not schemas:
         pq.write_table(pa.table({k: pa.array([], pa.string()) for k in META_FIELDS}), path)
         return 0
@@ -133,6 +141,6 @@ def _write_parquet(store: RunStore, failed: bool, path: Path, batch: int = 5000)
     n = 0
     with pq.ParquetWriter(path, schema) as w:
         for b in batches():
-            w.write_table(pa.Table.from_pylist(b, schema=schema))
+            w.write_table(table(b, schema))
             n += len(b)
     return n
