@@ -20,6 +20,7 @@ anything else (a torn chunk, a missing record, a killed flush) is ignored, never
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from matrix_hpc.store._durable import TMP_SUFFIX, DurableLocalStore, fsync_dir, write_atomic
@@ -177,6 +179,15 @@ def _read_chunks(arr, seqs: list[int], run: int = 256) -> dict[int, np.ndarray |
                 except Exception:
                     out[s] = None
     return out
+
+
+def _set_many(writes: list) -> None:
+    """``arr[sel] = value`` for each (arr, sel, value), concurrently, in one trip to zarr's loop."""
+
+    async def go():
+        await asyncio.gather(*(arr.async_array.setitem(sel, val) for arr, sel, val in writes))
+
+    sync(go())
 
 
 class RunStore:
@@ -639,25 +650,32 @@ class ResultWriter:
         """Make every appended row durable; returns once the chunks and commit records are on disk."""
         if not self._buf:
             return
-        records = []
         first_seq = self._next_seq
-        for rows in self._cut():
-            records.append(self._write_segment(rows))
+        plans = [self._plan_segment(rows) for rows in self._cut()]
+        # every chunk of every segment in one round trip: zarr writes them concurrently
+        writes = []
+        for p in plans:
+            if p["heap"] is not None:
+                hs = p["heap_start"]
+                writes.append((self._heap, slice(hs, hs + p["heap"].size), p["heap"]))
+            writes.append((self._index, slice(p["seq"] * ROWS_PER_SEGMENT, (p["seq"] + 1) * ROWS_PER_SEGMENT),
+                           p["index"]))
+            writes.append((self._ids, slice(p["seq"] * IDS_CHUNK, (p["seq"] + 1) * IDS_CHUNK), p["ids"]))
+        _set_many(writes)
+        records = [self._record(p) for p in plans]
         self._zs.sync_dirs()  # every chunk name durable before any record names it
         if self._before_commit is not None:
             self._before_commit()
-        recs = np.stack(records)
-        self._commits[first_seq:first_seq + len(records)] = recs
+        self._commits[first_seq:first_seq + len(records)] = np.stack(records)
         self._zs.sync_dirs()
         self.rows_committed += len(self._buf)
         self._buf = []
 
-    def _write_segment(self, rows: list) -> np.ndarray:
+    def _plan_segment(self, rows: list) -> dict:
         seq = self._next_seq
         self._next_seq += 1
         n = len(rows)
-        envs = [r[3] for r in rows]
-        lens = np.fromiter((len(e) for e in envs), dtype=np.int64, count=n)
+        lens = np.fromiter((len(r[3]) for r in rows), dtype=np.int64, count=n)
         heap_start = self._heap_pos
         heap_len = int(lens.sum())
         idx = np.zeros((ROWS_PER_SEGMENT, INDEX_COLS), dtype=np.int64)
@@ -675,27 +693,30 @@ class ResultWriter:
         ids = np.zeros(IDS_CHUNK, dtype=np.uint8)
         ids[:len(ids_raw)] = np.frombuffer(ids_raw, dtype=np.uint8)
         padded = -(-heap_len // HEAP_CHUNK) * HEAP_CHUNK
+        heap = None
         if heap_len:
             heap = np.zeros(padded, dtype=np.uint8)
-            heap[:heap_len] = np.frombuffer(b"".join(envs), dtype=np.uint8)
-            self._heap[heap_start:heap_start + padded] = heap
+            heap[:heap_len] = np.frombuffer(b"".join(r[3] for r in rows), dtype=np.uint8)
         self._heap_pos = heap_start + padded
-        self._index[seq * ROWS_PER_SEGMENT:(seq + 1) * ROWS_PER_SEGMENT] = idx
-        self._ids[seq * IDS_CHUNK:(seq + 1) * IDS_CHUNK] = ids
-        n_done = int(np.sum(idx[:n, I_STATUS] == DONE))
+        return {"seq": seq, "n": n, "n_done": int(np.sum(idx[:n, I_STATUS] == DONE)), "index": idx,
+                "ids": ids, "ids_nbytes": len(ids_raw), "heap": heap, "heap_start": heap_start,
+                "heap_len": heap_len, "padded": padded, "oldest_ns": min(r[4] for r in rows)}
+
+    def _record(self, p: dict) -> np.ndarray:
+        seq, hs = p["seq"], p["heap_start"]
         rec = np.zeros(RECORD_WIDTH, dtype=np.int64)
         rec[R_MAGIC] = MAGIC
         rec[R_SEQ] = seq
-        rec[R_NROWS] = n
-        rec[R_NDONE] = n_done
-        rec[R_NFAILED] = n - n_done
-        rec[R_HEAP_START] = heap_start
-        rec[R_HEAP_END] = heap_start + heap_len
-        rec[R_IDS_NBYTES] = len(ids_raw)
+        rec[R_NROWS] = p["n"]
+        rec[R_NDONE] = p["n_done"]
+        rec[R_NFAILED] = p["n"] - p["n_done"]
+        rec[R_HEAP_START] = hs
+        rec[R_HEAP_END] = hs + p["heap_len"]
+        rec[R_IDS_NBYTES] = p["ids_nbytes"]
         rec[R_INDEX_SIZE] = _size(self.folder / "index" / f"c.{seq}.0")
         rec[R_IDS_SIZE] = _size(self.folder / "ids" / f"c.{seq}")
         rec[R_HEAP_SIZE] = sum(_size(self.folder / "heap" / f"c.{k}")
-                               for k in range(heap_start // HEAP_CHUNK, (heap_start + padded) // HEAP_CHUNK))
-        rec[R_OLDEST_NS] = min(r[4] for r in rows)
+                               for k in range(hs // HEAP_CHUNK, (hs + p["padded"]) // HEAP_CHUNK))
+        rec[R_OLDEST_NS] = p["oldest_ns"]
         rec[R_TIME_NS] = time.time_ns()
         return rec
