@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -15,10 +14,10 @@ def register(sub) -> None:
         description="Write the committed results of a run as one JSON object per row (the payload's "
         "proto fields, plus task_id, row_id, row_index, trial), ready for Hugging Face `datasets`. "
         "Rows still in flight are not included; run it again later for more.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="the run directory (holds store.zarr)")
-    p.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl", help="output format")
+    p.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl",
+                   help="output format (default: jsonl)")
     p.add_argument("--failed", action="store_true",
                    help="export the failed rows instead (each with its error: role, message, traceback)")
     p.add_argument("-o", "--out", type=Path, default=None,

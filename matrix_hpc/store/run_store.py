@@ -27,6 +27,7 @@ import re
 import shutil
 import socket
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +71,7 @@ MAGIC = 0x4D54525800000000 | FORMAT_VERSION  # "MTRX" + version
 I_ROW, I_STATUS, I_OFF, I_LEN, I_IDOFF, I_IDLEN, I_VALID = range(7)
 # commit record fields
 (R_MAGIC, R_SEQ, R_NROWS, R_NDONE, R_NFAILED, R_HEAP_START, R_HEAP_END, R_IDS_NBYTES, R_TIME_NS,
- R_INDEX_SIZE, R_IDS_SIZE, R_HEAP_SIZE, R_OLDEST_NS) = range(13)
+ R_INDEX_SIZE, R_IDS_SIZE, R_HEAP_SIZE, R_OLDEST_NS, R_ROWS_CRC) = range(14)
 
 _WRITER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _CHUNK_NAME = re.compile(r"^c\.(\d+)(?:\.0)?$")
@@ -133,6 +134,7 @@ class _Segment:
     heap_end: int
     ids_nbytes: int = 0
     oldest_ns: int = 0  # append time of the oldest row in the segment
+    rows_crc: int = 0  # crc32 of the segment's index rows and task ids
     task_ids: list[str] = field(default_factory=list)
     index: np.ndarray | None = None  # (n, INDEX_COLS)
 
@@ -320,7 +322,7 @@ class RunStore:
                 rec = rec[0]
                 seg = _Segment(v.id, s, int(rec[R_TIME_NS]), int(rec[R_NROWS]), int(rec[R_NDONE]),
                                int(rec[R_NFAILED]), int(rec[R_HEAP_START]), int(rec[R_HEAP_END]),
-                               int(rec[R_IDS_NBYTES]), int(rec[R_OLDEST_NS]))
+                               int(rec[R_IDS_NBYTES]), int(rec[R_OLDEST_NS]), int(rec[R_ROWS_CRC]))
                 good.append(seg)
             self._segments[(v.id, s)] = seg
         if not good:
@@ -337,6 +339,9 @@ class RunStore:
                       and int(np.sum(idx[:, I_STATUS] == DONE)) == g.n_done)
             if ok:
                 raw = raw[:g.ids_nbytes].tobytes()
+                # the record names exactly these rows (not rows of another flush of the same size)
+                ok = zlib.crc32(raw, zlib.crc32(np.ascontiguousarray(idx).tobytes())) == g.rows_crc
+            if ok:
                 try:
                     g.task_ids = [raw[o:o + n].decode() for o, n in zip(idx[:, I_IDOFF].tolist(),
                                                                       idx[:, I_IDLEN].tolist(), strict=True)]
@@ -698,7 +703,9 @@ class ResultWriter:
             heap = np.zeros(padded, dtype=np.uint8)
             heap[:heap_len] = np.frombuffer(b"".join(r[3] for r in rows), dtype=np.uint8)
         self._heap_pos = heap_start + padded
-        return {"seq": seq, "n": n, "n_done": int(np.sum(idx[:n, I_STATUS] == DONE)), "index": idx,
+        rows_crc = zlib.crc32(ids_raw, zlib.crc32(idx[:n].tobytes()))
+        return {"seq": seq, "n": n, "rows_crc": rows_crc, "n_done": int(np.sum(idx[:n, I_STATUS] == DONE)),
+                "index": idx,
                 "ids": ids, "ids_nbytes": len(ids_raw), "heap": heap, "heap_start": heap_start,
                 "heap_len": heap_len, "padded": padded, "oldest_ns": min(r[4] for r in rows)}
 
@@ -718,5 +725,6 @@ class ResultWriter:
         rec[R_HEAP_SIZE] = sum(_size(self.folder / "heap" / f"c.{k}")
                                for k in range(hs // HEAP_CHUNK, (hs + p["padded"]) // HEAP_CHUNK))
         rec[R_OLDEST_NS] = p["oldest_ns"]
+        rec[R_ROWS_CRC] = p["rows_crc"]
         rec[R_TIME_NS] = time.time_ns()
         return rec
