@@ -332,3 +332,20 @@ def test_log_event(tmp_path):
     ev = store.events()
     assert [e["kind"] for e in ev] == ["started", "resumed"] and ev[0]["slurm_job"] == "123"
     assert ev[1]["pid"] == os.getpid() and "time" in ev[1]
+
+
+def test_record_must_match_its_rows(tmp_path):
+    """A record whose rows checksum disagrees (e.g. two processes misusing one writer id) is ignored."""
+    import zarr
+
+    run = tmp_path / "run"
+    store = _make(run)
+    w = store.writer("c")
+    for f in range(2):
+        _append(w, "c", f * 10, (f + 1) * 10)
+        w.flush()
+    commits = zarr.open_array(run / "store.zarr" / "writers" / "c" / "commits", mode="r+")
+    rec = commits[1]
+    rec[rs.R_ROWS_CRC] ^= 1
+    commits[1] = rec
+    assert RunStore.open(run).committed() == _expected("c", 0, 10)
