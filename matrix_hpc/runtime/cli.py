@@ -1,7 +1,101 @@
-"""Sub-commands ``run`` and ``resume`` (filled by the runtime)."""
+"""Sub-commands ``run`` and ``resume``."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+from pathlib import Path
 
-def register(sub) -> None:
-    pass
+from matrix_hpc.job.yamlpos import JobFileError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a job on a local Ray (or the cluster in RAY_ADDRESS)",
+        description="Run every dataset row of a job through its agents and commit the results to the run "
+        "directory. If the run directory already holds a run of this job, it is resumed: committed rows "
+        "are skipped and tasks saved at the last checkpoint continue from the step they had reached.",
+    )
+    p.add_argument("job", type=Path, help="the job file, e.g. jobs/dialogue/job.yaml")
+    _common(p)
+    p.set_defaults(func=_run)
+
+    r = sub.add_parser(
+        "resume",
+        help="resume a stopped, preempted or crashed run from its run directory",
+        description="Resume RUN_DIR with the job file saved in it (or --job): committed rows are skipped, "
+        "in-flight tasks continue from their last checkpoint, the other rows start fresh.",
+    )
+    r.add_argument("run_dir", type=Path, help="a run directory made by `matrix-hpc run`")
+    r.add_argument("--job", type=Path, help="job file to use (default: the job folder recorded at start)")
+    _common(r, run_dir=False)
+    r.set_defaults(func=_resume)
+
+
+def _common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
+    if run_dir:
+        p.add_argument("-o", "--run-dir", type=Path, help="run directory (default: run.output_dir of the job)")
+    p.add_argument("--force", action="store_true", help="resume even if the job, code, proto or data changed")
+    p.add_argument("--no-progress", action="store_true", help="no live progress line")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _run(args: argparse.Namespace) -> int:
+    return _execute(args.job, args.run_dir, args)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    job = args.job
+    if job is None:
+        meta = args.run_dir / "job_path.txt"
+        if not meta.exists():
+            print(f"error: {args.run_dir} has no recorded job file; pass --job", file=sys.stderr)
+            return 2
+        job = Path(meta.read_text().strip())
+    return _execute(job, args.run_dir, args)
+
+
+def _execute(job_path: Path, run_dir: Path | None, args: argparse.Namespace) -> int:
+    from matrix_hpc.job.load import load_job
+    from matrix_hpc.runtime.driver import ResumeRefused, run
+
+    try:
+        job = load_job(job_path, run_dir=run_dir)
+    except JobFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = run(job, force=args.force, progress=not args.no_progress,
+                      on_start=lambda r: _record_job(r.job))
+    except ResumeRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _print_summary(summary, as_json=args.json)
+    return 130 if summary.interrupted else 0
+
+
+def _record_job(job) -> None:
+    (job.run_dir / "job_path.txt").write_text(str(job.path) + "\n")
+
+
+def _print_summary(s, *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({
+            "run_dir": str(s.run_dir), "done": s.done, "failed": s.failed, "total": s.total, "wall_s": s.wall_s,
+            "throughput": s.throughput, "resumed": s.resumed, "recovered": s.recovered,
+            "checkpoints": s.checkpoints, "interrupted": s.interrupted, "step_latency": s.step_latency,
+        }))
+        return
+    print(f"run directory: {s.run_dir}")
+    print(f"this run: {s.done} done, {s.failed} failed in {s.wall_s:.1f}s ({s.throughput:.1f} tasks/s); "
+          f"{s.total} tasks in the job")
+    if s.resumed or s.recovered:
+        print(f"resumed from snapshot: {s.resumed}; recovered after an actor died: {s.recovered}")
+    for role, lat in s.step_latency.items():
+        print(f"  {role:<16} steps {lat['n']:>7}  p50 {lat['p50'] * 1000:8.1f} ms  p99 {lat['p99'] * 1000:8.1f} ms")
+    if s.interrupted:
+        print(f"interrupted: committed rows are kept and in-flight tasks were saved; "
+              f"continue with: matrix-hpc resume {s.run_dir}")
+    print(f"export: matrix-hpc export {s.run_dir} --format jsonl")

@@ -1,0 +1,87 @@
+"""Building and reading task envelopes (``matrix_hpc.v1.Task``)."""
+
+from __future__ import annotations
+
+import hashlib
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf import json_format
+
+from matrix_hpc import DONE
+from matrix_hpc.job.dataset import RowError
+from matrix_hpc.v1 import task_pb2
+
+Task = task_pb2.Task
+RUNNING, DONE_STATUS, FAILED = task_pb2.TASK_STATUS_RUNNING, task_pb2.TASK_STATUS_DONE, task_pb2.TASK_STATUS_FAILED
+
+
+def task_id(row_id: str, trial: int) -> str:
+    return f"{row_id}#{trial}"
+
+
+def task_seed(run_seed: int, tid: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{run_seed}/{tid}".encode()).digest()[:8], "little") >> 1
+
+
+def set_error(task: Task, role: str, exc: BaseException | str, attempts: int = 1) -> None:
+    """Finish ``task`` as failed, recording who failed and why."""
+    task.status = FAILED
+    task.next_role = DONE
+    task.error.role = role
+    task.error.step = task.step
+    task.error.attempts = attempts
+    if isinstance(exc, BaseException):
+        task.error.message = f"{type(exc).__name__}: {exc}"
+        task.error.traceback = "".join(traceback.format_exception(exc))
+    else:
+        task.error.message = exc
+    task.updated.GetCurrentTime()
+
+
+class TaskFactory:
+    """Turns dataset rows into fresh task envelopes (in the source actor)."""
+
+    def __init__(self, spec, payload_cls: type, builder: Callable | None):
+        self.spec = spec
+        self.payload_cls = payload_cls
+        self.builder = builder
+
+    def row_id(self, index: int, row: dict[str, Any] | RowError) -> str:
+        field = self.spec.dataset.id_field
+        if field is None or isinstance(row, RowError) or field not in row:
+            return str(index)
+        return str(row[field])
+
+    def new(self, index: int, row: dict[str, Any] | RowError, trial: int) -> Task:
+        rid = self.row_id(index, row)
+        tid = task_id(rid, trial)
+        task = Task(task_id=tid, row_index=index, row_id=rid, trial=trial, status=RUNNING,
+                    next_role=self.spec.first_role, seed=task_seed(self.spec.run.seed, tid))
+        task.created.GetCurrentTime()
+        task.updated.CopyFrom(task.created)
+        try:
+            if isinstance(row, RowError):
+                raise row
+            field = self.spec.dataset.id_field
+            if field is not None and field not in row:
+                raise RowError(f"row {index} has no id field {field!r}")
+            task.payload.Pack(self._payload(row))
+        except Exception as e:  # noqa: BLE001 - a bad row fails its own task only
+            set_error(task, "source", e)
+        return task
+
+    def _payload(self, row: dict[str, Any]):
+        if self.builder is not None:
+            payload = self.builder(row, self.payload_cls)
+            if not isinstance(payload, self.payload_cls):
+                raise TypeError(f"payload builder returned {type(payload).__name__}, not {self.payload_cls.__name__}")
+            return payload
+        mapping = self.spec.payload.from_row
+        if mapping is None:
+            return json_format.ParseDict(row, self.payload_cls(), ignore_unknown_fields=True)
+        missing = [col for col in mapping.values() if col not in row]
+        if missing:
+            raise RowError(f"row has no column(s) {missing} named in payload.from_row")
+        return json_format.ParseDict({f: row[c] for f, c in mapping.items()}, self.payload_cls())

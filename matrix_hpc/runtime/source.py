@@ -1,0 +1,90 @@
+"""The source: turns dataset rows into tasks while keeping at most ``max_in_flight`` of them
+between itself and a durable commit (backpressure: nothing upstream of a commit is unbounded).
+
+It also remembers the last known message of every task in flight (the initial one, updated by
+each snapshot), which is what a task restarts from if the actor holding it dies.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+
+from matrix_hpc.job.dataset import iter_rows
+from matrix_hpc.job.load import Job, resolve_ref
+from matrix_hpc.runtime.agent_actor import ActorBase, payload_class
+from matrix_hpc.runtime.message import Task, TaskFactory, task_id
+from matrix_hpc.runtime.router import Directory
+
+
+class SourceActor(ActorBase):
+    def __init__(self, job: Job, directory: Directory, skip: set[str], restore: list[bytes]):
+        super().__init__(job, directory)
+        builder = resolve_ref(job.spec.payload.builder) if job.spec.payload.builder else None
+        self.factory = TaskFactory(job.spec, payload_class(job), builder)
+        self.job = job
+        self.skip = skip
+        self.restore = deque(restore)
+        self.max_in_flight = job.spec.run.max_in_flight
+        self.known: dict[str, bytes] = {}  # task id -> last known message, for every task in flight
+        self.tasks = self._tasks()
+        self.exhausted = False
+        self.emitted = self.skipped = self.finished_count = 0
+
+    def _tasks(self) -> Iterator[tuple[str, bytes]]:
+        while self.restore:
+            data = self.restore.popleft()
+            yield Task.FromString(data).task_id, data
+        trials = self.job.spec.dataset.trials
+        for index, row in iter_rows(self.job.dataset_path, self.job.spec.dataset.limit):
+            rid = self.factory.row_id(index, row)
+            for trial in range(trials):
+                if task_id(rid, trial) in self.skip:
+                    self.skipped += 1
+                    continue
+                task = self.factory.new(index, row, trial)
+                yield task.task_id, task.SerializeToString()
+
+    async def start(self) -> None:
+        self._pump()
+
+    def _pump(self) -> None:
+        while not self.exhausted and len(self.known) < self.max_in_flight:
+            item = next(self.tasks, None)
+            if item is None:
+                self.exhausted = True
+                return
+            tid, data = item
+            self.known[tid] = data
+            self.emitted += 1
+            self.router.route(Task.FromString(data).next_role, data)
+
+    async def finished(self, ids: list[str]) -> None:
+        """Sinks report tasks committed durably: they no longer count as in flight."""
+        for tid in ids:
+            if self.known.pop(tid, None) is not None:
+                self.finished_count += 1
+        self._pump()
+
+    async def remember(self, messages: list[bytes]) -> None:
+        """A snapshot's messages become the last known state of their tasks."""
+        for data in messages:
+            tid = Task.FromString(data).task_id
+            if tid in self.known:
+                self.known[tid] = data
+
+    async def reinject(self, ids: list[str]) -> int:
+        """Send lost tasks again, from their last known message."""
+        for tid in ids:
+            data = self.known[tid]
+            self.router.route(Task.FromString(data).next_role, data)
+        return len(ids)
+
+    async def collect(self) -> dict:
+        return {"outstanding": list(self.known), "pending": self.router.pending()}
+
+    async def stats(self) -> dict:
+        return {
+            "incarnation": self.incarnation, "emitted": self.emitted, "in_flight": len(self.known),
+            "exhausted": self.exhausted, "skipped": self.skipped, "finished": self.finished_count,
+        }

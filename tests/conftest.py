@@ -1,0 +1,79 @@
+"""Shared fixtures: one real local Ray for the session, and a factory for small jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import textwrap
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+PROTO = """
+syntax = "proto3";
+package tests.{pkg};
+message Item {{
+  string text = 1;
+  int64 n = 2;
+  repeated string path = 3;
+  bytes blob = 4;
+}}
+"""
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 object_store_memory=512 * 1024**2, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def make_job(tmp_path: Path):
+    """Write a job folder (proto, agents, dataset, job.yaml) and return the job.yaml path."""
+
+    def make(agents: str, roles: dict, first_role: str, rows: int | list[dict] = 10, *, run: dict | None = None,
+             dataset: dict | None = None, payload: dict | None = None, name: str = "t") -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "item.proto").write_text(PROTO.format(pkg=name))
+        (d / "agents.py").write_text(textwrap.dedent(agents))
+        data = [{"id": f"r{i}", "text": f"row {i}", "n": i} for i in range(rows)] if isinstance(rows, int) else rows
+        (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+        spec = {
+            "name": name,
+            "dataset": {"path": "data.jsonl", "id_field": "id", **(dataset or {})},
+            "payload": {"proto": "item.proto", "type": f"tests.{name}.Item", **(payload or {})},
+            "roles": roles,
+            "first_role": first_role,
+            "run": {"output_dir": "out", "commit_interval_s": 0.2, **(run or {})},
+        }
+        (d / "job.yaml").write_text(json.dumps(spec, indent=2))
+        return d / "job.yaml"
+
+    return make
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail (instead of hanging the suite) if the block runs longer than ``seconds``."""
+
+    def _raise(*_):
+        raise TimeoutError(f"did not finish within {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

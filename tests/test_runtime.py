@@ -1,0 +1,241 @@
+"""The task runtime end to end, on a real local Ray: routing, exactly-once results,
+backpressure, failing agents, large payloads, and an actor killed mid-run."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+from conftest import deadline
+from google.protobuf import message_factory
+from matrix_hpc.v1 import task_pb2
+
+from matrix_hpc import load_job, run
+from matrix_hpc.job.load import payload_pool
+
+try:
+    from matrix_hpc.store import RunStore
+except ImportError:  # TEMPORARY until the store lands
+    from matrix_hpc.runtime._devstore import RunStore
+
+THREE_ROLES = """
+from matrix_hpc import DONE
+
+async def a(item, ctx):
+    item.path.append("a")
+    return "b"
+
+async def b(item, ctx):
+    item.path.append("b")
+    return "c"
+
+async def c(item, ctx):
+    item.path.append("c")
+    item.n *= 10
+    return DONE
+"""
+
+
+def results(job) -> list[tuple[task_pb2.Task, object]]:
+    """Every committed task of a run, with its payload decoded from the stored descriptor set."""
+    cls = message_factory.GetMessageClass(payload_pool(job.descriptor_set).FindMessageTypeByName(job.payload_type))
+    out = []
+    for data in RunStore.open(job.run_dir).iter_results():
+        t = task_pb2.Task.FromString(data)
+        p = cls()
+        t.payload.Unpack(p)
+        out.append((t, p))
+    return out
+
+
+def test_messages_route_through_several_roles(ray_session, make_job):
+    job = load_job(make_job(THREE_ROLES, {r: {"agent": f"agents:{r}"} for r in "abc"}, "a", rows=50))
+    with deadline(120):
+        summary = run(job, progress=False)
+    assert (summary.done, summary.failed) == (50, 0)
+    got = results(job)
+    assert sorted(t.row_id for t, _ in got) == sorted(f"r{i}" for i in range(50))
+    for t, p in got:
+        assert list(p.path) == ["a", "b", "c"]
+        assert list(t.trace) == ["a", "b", "c"]
+        assert t.step == 3 and t.status == task_pb2.TASK_STATUS_DONE
+        assert p.n == int(t.row_id[1:]) * 10
+    assert set(summary.step_latency) == {"a", "b", "c"}
+
+
+def test_thousands_of_tasks_each_committed_exactly_once(ray_session, make_job):
+    roles = {r: {"agent": f"agents:{r}", "replicas": 2} for r in "abc"}
+    job = load_job(make_job(THREE_ROLES, roles, "a", rows=2000, dataset={"trials": 2},
+                            run={"max_in_flight": 600, "sinks": 2}))
+    with deadline(180):
+        summary = run(job, progress=False)
+    assert summary.done == 4000
+    ids = Counter(t.task_id for t, _ in results(job))
+    assert len(ids) == 4000 and max(ids.values()) == 1
+    assert {t.trial for t, _ in results(job)} == {0, 1}
+
+
+def test_backpressure_holds_in_flight_at_the_bound(ray_session, make_job):
+    agents = """
+import asyncio
+from matrix_hpc import DONE
+
+async def slow(item, ctx):
+    await asyncio.sleep(0.02)
+    return DONE
+"""
+    bound = 40
+    job = load_job(make_job(agents, {"slow": {"agent": "agents:slow", "replicas": 2, "concurrency": 1000}},
+                            "slow", rows=600, run={"max_in_flight": bound}))
+    seen: list[int] = []
+
+    def watch(r):
+        def poll():
+            while not stop.is_set():
+                try:
+                    stats = ray_session.get([a.stats.remote() for a in r.agents["slow"]])
+                except ray_session.exceptions.RayActorError:  # the run ended and its actors are gone
+                    return
+                seen.append(sum(s["inbox"] + s["active"] for s in stats))
+        threading.Thread(target=poll, daemon=True).start()
+
+    stop = threading.Event()
+    with deadline(120):
+        summary = run(job, progress=False, on_start=watch)
+    stop.set()
+    assert summary.done == 600
+    assert max(seen) <= bound
+    assert max(seen) >= bound // 2  # the bound, not something else, was what limited the run
+
+
+def test_a_raising_agent_fails_its_rows_and_the_rest_finish(ray_session, make_job):
+    agents = """
+from matrix_hpc import DONE
+
+async def picky(item, ctx):
+    if item.n % 7 == 0:
+        raise ValueError(f"cannot handle {item.n}")
+    return DONE
+"""
+    job = load_job(make_job(agents, {"picky": {"agent": "agents:picky"}}, "picky", rows=70,
+                            run={"retry": {"max_retries": 2, "backoff_s": 0.01}}))
+    with deadline(120):
+        summary = run(job, progress=False)
+    assert (summary.done, summary.failed) == (60, 10)
+    failed = [t for t, _ in results(job) if t.status == task_pb2.TASK_STATUS_FAILED]
+    assert sorted(int(t.row_id[1:]) for t in failed) == list(range(0, 70, 7))
+    for t in failed:
+        assert t.error.role == "picky"
+        assert t.error.message == f"ValueError: cannot handle {t.row_index}"
+        assert "raise ValueError" in t.error.traceback
+        assert t.error.attempts == 3
+
+
+def test_an_unknown_next_role_fails_the_task_with_a_clear_error(ray_session, make_job):
+    agents = """
+async def lost(item, ctx):
+    return "nobody"
+"""
+    job = load_job(make_job(agents, {"lost": {"agent": "agents:lost"}}, "lost", rows=3))
+    with deadline(60):
+        summary = run(job, progress=False)
+    assert summary.failed == 3
+    t, _ = results(job)[0]
+    assert "returned 'nobody', which is not a role of this job (done, lost)" in t.error.message
+
+
+def test_a_bad_row_fails_alone(ray_session, make_job):
+    rows = [{"id": "ok1", "n": 1}, {"id": "bad", "n": "not a number"}, {"id": "ok2", "n": 2}]
+    agents = "from matrix_hpc import DONE\nasync def f(item, ctx):\n    return DONE\n"
+    job = load_job(make_job(agents, {"f": {"agent": "agents:f"}}, "f", rows=rows))
+    with deadline(60):
+        summary = run(job, progress=False)
+    assert (summary.done, summary.failed) == (2, 1)
+    bad = next(t for t, _ in results(job) if t.row_id == "bad")
+    assert bad.error.role == "source" and "n" in bad.error.message
+
+
+def test_large_payloads_travel_by_reference_intact(ray_session, make_job):
+    agents = """
+from matrix_hpc import DONE
+
+async def grow(item, ctx):
+    item.blob = bytes([item.n % 256]) * 400_000
+    return "check"
+
+async def check(item, ctx):
+    assert item.blob == bytes([item.n % 256]) * 400_000
+    item.text = "ok"
+    return DONE
+"""
+    job = load_job(make_job(agents, {"grow": {"agent": "agents:grow"}, "check": {"agent": "agents:check"}},
+                            "grow", rows=20, run={"large_payload_bytes": 100_000}))
+    with deadline(120):
+        summary = run(job, progress=False)
+    assert (summary.done, summary.failed) == (20, 0)
+    assert all(p.text == "ok" and len(p.blob) == 400_000 for _, p in results(job))
+
+
+def test_a_killed_agent_actor_loses_no_task(ray_session, make_job):
+    agents = """
+import asyncio
+from matrix_hpc import DONE
+
+async def first(item, ctx):
+    await asyncio.sleep(0.05)
+    item.path.append("first")
+    return "second"
+
+async def second(item, ctx):
+    await asyncio.sleep(0.05)
+    item.path.append("second")
+    return DONE
+"""
+    roles = {"first": {"agent": "agents:first", "replicas": 2}, "second": {"agent": "agents:second", "replicas": 2}}
+    job = load_job(make_job(agents, roles, "first", rows=300, run={"max_in_flight": 100}))
+    killed = []
+
+    def killer(r):
+        def kill_when_busy():
+            victim = r.agents["second"][0]
+            while True:
+                st = ray_session.get(victim.stats.remote())
+                if st["active"] + st["inbox"] >= 5:
+                    ray_session.kill(victim, no_restart=False)
+                    killed.append(st["active"] + st["inbox"])
+                    return
+                time.sleep(0.01)
+        threading.Thread(target=kill_when_busy, daemon=True).start()
+
+    with deadline(180):
+        summary = run(job, progress=False, on_start=killer)
+    assert killed, "the actor was never busy enough to be killed"
+    got = results(job)
+    assert Counter(t.task_id for t, _ in got) == Counter({f"r{i}#0": 1 for i in range(300)})
+    assert all(t.status == task_pb2.TASK_STATUS_DONE and list(p.path) == ["first", "second"] for t, p in got)
+    assert summary.recovered >= 1
+
+
+def test_python_api_accepts_a_path(ray_session, make_job):
+    path = make_job(THREE_ROLES, {r: {"agent": f"agents:{r}"} for r in "abc"}, "a", rows=5)
+    with deadline(60):
+        summary = run(path, progress=False)
+    assert summary.done == 5 and summary.run_dir == path.parent / "out"
+
+
+def test_load_is_spread_over_replicas(ray_session, make_job):
+    agents = """
+import asyncio
+from matrix_hpc import DONE
+
+async def work(item, ctx):
+    await asyncio.sleep(0.01)
+    return DONE
+"""
+    job = load_job(make_job(agents, {"work": {"agent": "agents:work", "replicas": 3}}, "work", rows=900))
+    with deadline(120):
+        summary = run(job, progress=False)
+    counts = summary.step_counts["work"]
+    assert sum(counts) == 900
+    assert min(counts) >= 900 * 0.15, counts
