@@ -1,0 +1,149 @@
+"""Run the sandbox service inside a Ray cluster: one replica actor per node, each hosting a gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .client import SandboxClient, release
+from .image import ImageError, resolve_image
+from .server import ServiceError
+from .spec import SandboxSpec
+
+log = logging.getLogger("matrix_hpc.sandbox")
+
+
+class SandboxReplica:
+    """Ray actor body (wrapped with ray.remote in ``deploy``): a SandboxServer on this node."""
+
+    def __init__(self, name: str, spec_json: str, node: str) -> None:
+        import logging as _logging
+
+        _logging.basicConfig(level=_logging.INFO)
+        self.name = name
+        self.spec = SandboxSpec.model_validate_json(spec_json)
+        self.node = node
+        self.server = None
+
+    async def start(self, host: str) -> str:
+        from .server import SandboxServer
+
+        self.server = SandboxServer(self.spec, node=self.node)
+        port = await self.server.start(host, 0)
+        return f"{host}:{port}"
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+
+    async def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+@dataclass
+class SandboxEndpoint:
+    """Picklable handle on a deployed sandbox service (sent to every agent actor)."""
+
+    name: str
+    addresses: list[str]
+    default_wall_s: float = 30.0
+    actors: list[Any] = field(default_factory=list, repr=False)
+
+    def client(self, key: str | None = None) -> SandboxClient:
+        """An async client; its sessions are owned by ``key`` (the task id)."""
+        return SandboxClient(self.addresses, key=key, name=self.name, default_wall_s=self.default_wall_s)
+
+    async def release(self, owners: list[str]) -> int:
+        """Close every session owned by these tasks (and kill their running one-shot sandboxes)."""
+        return await release(self.addresses, list(owners))
+
+    def shutdown(self) -> None:
+        """Stop every replica (driver only): running sandboxes are killed, sessions removed."""
+        import ray
+
+        refs = [a.stop.remote() for a in self.actors]
+        try:
+            ray.get(refs, timeout=30)
+        except Exception as e:  # noqa: BLE001 - kill them anyway
+            log.warning("sandbox %s: replicas did not stop cleanly: %s", self.name, e)
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001
+                pass
+        self.actors = []
+
+
+def _bind_host(ip: str, n_nodes: int) -> str:
+    if ip.startswith("127."):
+        return ip
+    return "127.0.0.1" if n_nodes == 1 else ip
+
+
+def deploy(name: str, spec: SandboxSpec | dict, *, base_dir: str | Path | None = None,
+           timeout_s: float = 120.0) -> SandboxEndpoint:
+    """Start one replica per node (or ``spec.nodes`` of them), wait until they serve, return the endpoint.
+
+    Call after ``ray.init()``. Raises ServiceError with a clear message when it cannot start.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not isinstance(spec, SandboxSpec):
+        spec = SandboxSpec.model_validate(spec)
+    try:
+        image = resolve_image(spec.image, base_dir=Path(base_dir) if base_dir else None)
+    except ImageError as e:
+        raise ServiceError(f"sandbox {name!r}: {e}") from e
+    # Replicas get an absolute image path (a path on the shared filesystem on clusters).
+    spec = spec.model_copy(update={"image": str(image)})
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if not nodes:
+        raise ServiceError(f"sandbox {name!r}: no alive Ray node")
+    nodes = nodes[: spec.nodes] if spec.nodes else nodes
+    remote = ray.remote(SandboxReplica)
+    actors, starts = [], []
+    for n in nodes:
+        host = _bind_host(n["NodeManagerAddress"], len(nodes))
+        a = remote.options(
+            num_cpus=spec.num_cpus, max_concurrency=1000,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+        ).remote(name, spec.model_dump_json(), n["NodeManagerAddress"])
+        actors.append(a)
+        starts.append(a.start.remote(host))
+    t0 = time.monotonic()
+    try:
+        addresses = ray.get(starts, timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001 - surface the replica's own error
+        for a in actors:
+            ray.kill(a)
+        cause = getattr(e, "cause", None) or e
+        raise ServiceError(f"sandbox {name!r}: a replica failed to start: {cause}") from e
+    ep = SandboxEndpoint(name, list(addresses), spec.limits.wall_time_s, actors)
+    try:
+        asyncio.run(_wait_healthy(ep.addresses, max(5.0, timeout_s - (time.monotonic() - t0))))
+    except Exception as e:
+        ep.shutdown()
+        raise ServiceError(f"sandbox {name!r}: replicas did not become healthy: {e}") from e
+    log.info("sandbox %s: %d replica(s) at %s", name, len(addresses), ", ".join(addresses))
+    return ep
+
+
+async def _wait_healthy(addresses: list[str], timeout: float) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    for addr in addresses:
+        async with grpc.aio.insecure_channel(addr) as ch:
+            resp = await health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service="matrix_hpc.sandbox.v1.Sandbox"),
+                timeout=timeout, wait_for_ready=True)
+            if resp.status != health_pb2.HealthCheckResponse.SERVING:
+                raise ServiceError(f"{addr} is not serving")
