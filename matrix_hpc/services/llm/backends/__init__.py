@@ -1,0 +1,28 @@
+"""Backends of the LLM service: ``vllm`` (in-process engine), ``openai`` (HTTP upstream) and
+``scripted`` (a deterministic stand-in for tests and benchmarks only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from matrix_hpc.services.llm.backends.base import Backend, GenRequest, StreamEvent
+from matrix_hpc.services.llm.spec import LLMSpec
+
+__all__ = ["Backend", "GenRequest", "StreamEvent", "make_backend"]
+
+
+def make_backend(spec: LLMSpec, *, base_dir: Path | str | None = None) -> Backend:
+    """The backend named by ``spec.backend`` (not started: ``await backend.start()``)."""
+    if spec.backend == "scripted":
+        from matrix_hpc.services.llm.backends.scripted import ScriptedBackend
+
+        return ScriptedBackend(spec)
+    if spec.backend == "openai":
+        from matrix_hpc.services.llm.backends.openai import OpenAIBackend
+
+        return OpenAIBackend(spec)
+    if spec.backend == "vllm":
+        from matrix_hpc.services.llm.backends.vllm import VLLMBackend
+
+        return VLLMBackend(spec, model_path=spec.resolve_model(base_dir))
+    raise ValueError(f"unknown backend {spec.backend!r}")

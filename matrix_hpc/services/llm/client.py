@@ -1,0 +1,472 @@
+"""The async client agents use: load balancing, affinity, deadlines, retries, health tracking.
+
+One pool of grpc.aio channels per (endpoint, event loop) in a process, shared by every client of
+that endpoint. A call goes to the healthy replica with the fewest outstanding requests, or, with a
+``key`` (the task id), to the replica that rendezvous hashing assigns to the key among the healthy
+ones, so the turns of one task reuse that replica's prefix cache. UNAVAILABLE and
+RESOURCE_EXHAUSTED are retried (another replica first) with exponential backoff inside the call's
+deadline; a replica that fails is dropped, probed with the gRPC health service, and re-added when
+it answers SERVING again (a restarted Ray actor is found again by its name, at its new port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import time
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from matrix_hpc.llm.v1 import llm_pb2 as pb
+from matrix_hpc.llm.v1 import llm_pb2_grpc as pb_grpc
+from matrix_hpc.services.llm.errors import InvalidRequest, ServiceError
+from matrix_hpc.services.llm.results import ChatChunk, ChatResult, ToolCall, chunk_from_pb, result_from_pb
+
+if TYPE_CHECKING:
+    from matrix_hpc.services.llm.deploy import LLMEndpoint
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.enable_retries", 0),  # we retry ourselves, across replicas
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", 30000),
+]
+_SAMPLING_KEYS = {
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_tokens",
+    "seed",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "min_p",
+    "logprobs",
+}
+_PROBE_MIN_S = 0.2
+_PROBE_MAX_S = 5.0
+
+
+class _Replica:
+    def __init__(self, address: str, actor_name: str | None):
+        self.actor_name = actor_name
+        self.outstanding = 0
+        self.healthy = True
+        self.next_probe = 0.0
+        self.probe_interval = _PROBE_MIN_S
+        self.probing = False
+        self.channel: grpc.aio.Channel | None = None
+        self._connect(address)
+
+    def _connect(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self.stub = pb_grpc.LLMStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def reconnect(self, address: str) -> None:
+        old = self.channel
+        self._connect(address)
+        if old is not None:
+            await old.close()
+
+
+class _Pool:
+    def __init__(self, endpoint: LLMEndpoint):
+        self.name = endpoint.name
+        self.namespace = endpoint.namespace
+        self.replicas = [_Replica(r.address, r.actor_name) for r in endpoint.replicas]
+        self._tasks: set[asyncio.Task] = set()
+        self._changed = asyncio.Event()
+
+    # -- health ---------------------------------------------------------------------------------
+    def mark_down(self, r: _Replica) -> None:
+        if r.healthy:
+            r.healthy = False
+            r.probe_interval = _PROBE_MIN_S
+            r.next_probe = time.monotonic() + _PROBE_MIN_S
+
+    def _schedule_probes(self) -> None:
+        now = time.monotonic()
+        for r in self.replicas:
+            if not r.healthy and not r.probing and now >= r.next_probe:
+                r.probing = True
+                t = asyncio.get_running_loop().create_task(self._probe(r))
+                self._tasks.add(t)
+                t.add_done_callback(self._tasks.discard)
+
+    async def _probe(self, r: _Replica) -> None:
+        try:
+            ok = await self._check(r, r.address)
+            if not ok and r.actor_name:
+                addr = await self._lookup_actor(r.actor_name)
+                if addr and addr != r.address and await self._check(None, addr):
+                    await r.reconnect(addr)
+                    ok = True
+            if ok:
+                r.healthy = True
+                self._changed.set()
+            else:
+                r.probe_interval = min(_PROBE_MAX_S, r.probe_interval * 2)
+                r.next_probe = time.monotonic() + r.probe_interval
+        finally:
+            r.probing = False
+
+    async def _check(self, r: _Replica | None, address: str) -> bool:
+        try:
+            if r is not None:
+                resp = await r.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+            else:
+                async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as ch:
+                    resp = await health_pb2_grpc.HealthStub(ch).Check(
+                        health_pb2.HealthCheckRequest(service=""), timeout=2.0
+                    )
+            return resp.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError:
+            return False
+
+    async def _lookup_actor(self, actor_name: str) -> str | None:
+        """The current address of a (possibly restarted) replica actor, if Ray can tell."""
+        try:
+            import ray
+
+            if not ray.is_initialized():
+                return None
+            handle = await asyncio.to_thread(ray.get_actor, actor_name, self.namespace)
+            return await asyncio.wait_for(asyncio.wrap_future(handle.address.remote().future()), timeout=3.0)
+        except Exception:  # noqa: BLE001 - dead for good, restarting, or no Ray here: probe again later
+            return None
+
+    # -- choice ---------------------------------------------------------------------------------
+    def pick(self, key: str | None, avoid: set[str]) -> _Replica | None:
+        self._schedule_probes()
+        healthy = [r for r in self.replicas if r.healthy]
+        candidates = [r for r in healthy if r.address not in avoid] or healthy
+        if not candidates:
+            return None
+        if key is not None:
+            return max(candidates, key=lambda r: _score(key, r.actor_name or r.address))
+        least = min(r.outstanding for r in candidates)
+        return random.choice([r for r in candidates if r.outstanding == least])
+
+    async def acquire(self, key: str | None, avoid: set[str], deadline: float) -> _Replica | None:
+        while True:
+            r = self.pick(key, avoid)
+            if r is not None:
+                return r
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self._changed.clear()
+            try:  # wake up when a probe brings a replica back, or to schedule the next probes
+                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, _PROBE_MIN_S))
+            except TimeoutError:
+                pass
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        for r in self.replicas:
+            if r.channel is not None:
+                await r.channel.close()
+
+
+def _score(key: str, replica_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{key}|{replica_id}".encode(), digest_size=8).digest(), "big")
+
+
+_POOLS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Pool]] = weakref.WeakKeyDictionary()
+
+
+def _pool_for(endpoint: LLMEndpoint) -> _Pool:
+    loop = asyncio.get_running_loop()
+    pools = _POOLS.setdefault(loop, {})
+    pool = pools.get(endpoint.uid)
+    if pool is None:
+        pool = pools[endpoint.uid] = _Pool(endpoint)
+    return pool
+
+
+async def close_pools() -> None:
+    """Close this event loop's channels (optional: they also go away with the loop)."""
+    pools = _POOLS.pop(asyncio.get_running_loop(), {})
+    for p in pools.values():
+        await p.close()
+
+
+# ------------------------------------------------------------------------- request building
+
+
+def _message(m: Any) -> pb.Message:
+    if isinstance(m, str):
+        return pb.Message(role="user", content=m)
+    if isinstance(m, pb.Message):
+        return m
+    calls = []
+    for c in m.get("tool_calls") or []:
+        if isinstance(c, ToolCall):
+            calls.append(pb.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments_json))
+        else:
+            fn = c.get("function", c)
+            args = fn.get("arguments", fn.get("arguments_json", "{}"))
+            calls.append(
+                pb.ToolCall(
+                    id=c.get("id", ""),
+                    name=fn["name"],
+                    arguments_json=args if isinstance(args, str) else json.dumps(args),
+                )
+            )
+    return pb.Message(
+        role=m["role"],
+        content=m.get("content") or "",
+        name=m.get("name") or "",
+        tool_calls=calls,
+        tool_call_id=m.get("tool_call_id") or "",
+    )
+
+
+def _tool(t: Any) -> pb.Tool:
+    if isinstance(t, pb.Tool):
+        return t
+    fn = t.get("function", t)
+    params = fn.get("parameters") or {"type": "object"}
+    return pb.Tool(
+        name=fn["name"],
+        description=fn.get("description", ""),
+        parameters_json=params if isinstance(params, str) else json.dumps(params),
+    )
+
+
+def _sampling(kwargs: dict[str, Any]) -> pb.Sampling:
+    unknown = set(kwargs) - _SAMPLING_KEYS - {"stop"}
+    if unknown:
+        raise TypeError(f"unknown sampling argument(s): {', '.join(sorted(unknown))}")
+    s = pb.Sampling(**{k: v for k, v in kwargs.items() if k in _SAMPLING_KEYS and v is not None})
+    stop = kwargs.get("stop")
+    if stop:
+        s.stop.extend([stop] if isinstance(stop, str) else list(stop))
+    return s
+
+
+def _structured(
+    json_schema: Any, regex: str | None, choice: Sequence[str] | None, json_object: bool
+) -> pb.StructuredOutput | None:
+    given = sum(x is not None for x in (json_schema, regex, choice)) + bool(json_object)
+    if given > 1:
+        raise ValueError("give at most one of json_schema, regex, choice, json_object")
+    if json_schema is not None:
+        if hasattr(json_schema, "model_json_schema"):  # a pydantic model class
+            json_schema = json_schema.model_json_schema()
+        return pb.StructuredOutput(json_schema=json_schema if isinstance(json_schema, str) else json.dumps(json_schema))
+    if regex is not None:
+        return pb.StructuredOutput(regex=regex)
+    if choice is not None:
+        return pb.StructuredOutput(choice=pb.ChoiceList(choices=list(choice)))
+    if json_object:
+        return pb.StructuredOutput(json_object=True)
+    return None
+
+
+def _error(e: grpc.aio.AioRpcError, name: str, where: str) -> ServiceError:
+    code = e.code().name if e.code() is not None else "UNKNOWN"
+    msg = f"LLM {name!r} ({where}): {code}: {e.details()}"
+    if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidRequest(msg, code)
+    return ServiceError(msg, code)
+
+
+class LLMClient:
+    """Cheap to make (one per step is fine): the channels live in a per-process pool."""
+
+    def __init__(self, endpoint: LLMEndpoint, key: str | None = None):
+        self.endpoint = endpoint
+        self.key = key
+        self.timeout_s = endpoint.spec.timeout_s
+        self.retries = endpoint.spec.retries
+
+    # -- public API -----------------------------------------------------------------------------
+    async def chat(
+        self,
+        messages: Sequence[Any] | str,
+        *,
+        tools: Sequence[Any] | None = None,
+        tool_choice: str | None = None,
+        json_schema: Any = None,
+        regex: str | None = None,
+        choice: Sequence[str] | None = None,
+        json_object: bool = False,
+        model: str | None = None,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        **sampling: Any,
+    ) -> ChatResult:
+        """One chat turn. ``messages``: dicts ``{"role", "content"}`` (or a string: one user turn).
+        ``sampling``: temperature, top_p, top_k, max_tokens, stop, seed, n, logprobs, penalties, min_p."""
+        req = self._chat_request(
+            messages, tools, tool_choice, json_schema, regex, choice, json_object, model, request_id, sampling
+        )
+        resp = await self._unary("Chat", req, timeout)
+        return result_from_pb(resp)
+
+    async def complete(
+        self,
+        prompt: str,
+        *,
+        json_schema: Any = None,
+        regex: str | None = None,
+        choice: Sequence[str] | None = None,
+        json_object: bool = False,
+        model: str | None = None,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        **sampling: Any,
+    ) -> ChatResult:
+        """Raw text completion (no chat template)."""
+        req = pb.CompleteRequest(
+            model=model or "", prompt=prompt, sampling=_sampling(sampling), request_id=request_id or ""
+        )
+        st = _structured(json_schema, regex, choice, json_object)
+        if st is not None:
+            req.structured.CopyFrom(st)
+        return result_from_pb(await self._unary("Complete", req, timeout))
+
+    async def stream_chat(
+        self,
+        messages: Sequence[Any] | str,
+        *,
+        tools: Sequence[Any] | None = None,
+        tool_choice: str | None = None,
+        json_schema: Any = None,
+        regex: str | None = None,
+        choice: Sequence[str] | None = None,
+        json_object: bool = False,
+        model: str | None = None,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        **sampling: Any,
+    ) -> AsyncIterator[ChatChunk]:
+        """Yields ChatChunks as text arrives; the last one has ``usage`` and ``timing``. Failures before
+        the first chunk are retried like unary calls; a replica lost mid-stream raises ServiceError."""
+        req = self._chat_request(
+            messages, tools, tool_choice, json_schema, regex, choice, json_object, model, request_id, sampling
+        )
+        pool = _pool_for(self.endpoint)
+        deadline = time.monotonic() + (timeout or self.timeout_s)
+        avoid: set[str] = set()
+        last: grpc.aio.AioRpcError | None = None
+        for attempt in range(self.retries + 1):
+            r = await pool.acquire(self.key, avoid, deadline)
+            if r is None:
+                break
+            started = False
+            r.outstanding += 1
+            try:
+                call = r.stub.ChatStream(req, timeout=max(0.001, deadline - time.monotonic()))
+                async for chunk in call:
+                    started = True
+                    yield chunk_from_pb(chunk)
+                return
+            except grpc.aio.AioRpcError as e:
+                if started or e.code() not in RETRYABLE:
+                    raise _error(e, self.endpoint.name, r.address) from None
+                last = e
+                self._failed(pool, r, e, avoid)
+            finally:
+                r.outstanding -= 1
+            await self._backoff(attempt, deadline)
+        raise self._gave_up(last)
+
+    async def model_info(self, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """``ModelInfo`` of every replica this process sees as healthy."""
+        from google.protobuf.json_format import MessageToDict
+
+        pool = _pool_for(self.endpoint)
+        pool._schedule_probes()
+        out = []
+        for r in pool.replicas:
+            if r.healthy:
+                resp = await r.stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout)
+                info = MessageToDict(resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+                info["stats"] = {k: int(v) for k, v in info.get("stats", {}).items()}  # uint64 -> int
+                out.append(info)
+        return out
+
+    # -- internals ------------------------------------------------------------------------------
+    def _chat_request(
+        self,
+        messages,
+        tools,
+        tool_choice,
+        json_schema,
+        regex,
+        choice,
+        json_object,
+        model,
+        request_id,
+        sampling,
+    ) -> pb.ChatRequest:
+        if isinstance(messages, str):
+            messages = [messages]
+        req = pb.ChatRequest(
+            model=model or "",
+            messages=[_message(m) for m in messages],
+            sampling=_sampling(sampling),
+            tools=[_tool(t) for t in tools or []],
+            tool_choice=tool_choice or "",
+            request_id=request_id or "",
+        )
+        st = _structured(json_schema, regex, choice, json_object)
+        if st is not None:
+            req.structured.CopyFrom(st)
+        return req
+
+    def _failed(self, pool: _Pool, r: _Replica, e: grpc.aio.AioRpcError, avoid: set[str]) -> None:
+        avoid.add(r.address)
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
+            pool.mark_down(r)
+
+    async def _backoff(self, attempt: int, deadline: float) -> None:
+        delay = min(2.0, 0.05 * 2**attempt) * (0.5 + random.random())
+        await asyncio.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+
+    def _gave_up(self, last: grpc.aio.AioRpcError | None) -> ServiceError:
+        if last is None:
+            return ServiceError(f"LLM {self.endpoint.name!r}: no healthy replica within the deadline", "UNAVAILABLE")
+        return ServiceError(
+            f"LLM {self.endpoint.name!r}: gave up after {self.retries + 1} attempts: "
+            f"{last.code().name}: {last.details()}",
+            last.code().name,
+        )
+
+    async def _unary(self, method: str, req, timeout: float | None):
+        pool = _pool_for(self.endpoint)
+        deadline = time.monotonic() + (timeout or self.timeout_s)
+        avoid: set[str] = set()
+        last: grpc.aio.AioRpcError | None = None
+        for attempt in range(self.retries + 1):
+            r = await pool.acquire(self.key, avoid, deadline)
+            if r is None:
+                break
+            r.outstanding += 1
+            try:
+                return await getattr(r.stub, method)(req, timeout=max(0.001, deadline - time.monotonic()))
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in RETRYABLE:
+                    raise _error(e, self.endpoint.name, r.address) from None
+                last = e
+                self._failed(pool, r, e, avoid)
+            finally:
+                r.outstanding -= 1
+            await self._backoff(attempt, deadline)
+        raise self._gave_up(last)

@@ -1,0 +1,193 @@
+"""Replicas as Ray actors, and the picklable ``LLMEndpoint`` agents receive.
+
+``deploy(name, spec, base_dir=...)`` starts ``spec.replicas`` actors (``LLMReplica``), each hosting a
+grpc.aio server with the backend inside the actor's event loop, bound to the node's IP (127.0.0.1
+on a one-node local cluster), on a free port. Actors are named (``matrix-hpc/llm/<name>/<uid>/<i>``)
+so clients can find a restarted replica (Ray restarts a dead actor up to ``max_restarts`` times; a
+restarted actor starts its server again on first contact).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matrix_hpc.services.llm.errors import ServiceError
+from matrix_hpc.services.llm.spec import LLMSpec
+
+log = logging.getLogger("matrix_hpc.llm")
+
+# Ray kills a (non-detached) actor once no handle to it is left, names notwithstanding: the
+# driver keeps the handles of the replicas it deployed here until ``shutdown()``.
+_HANDLES: dict[str, list[Any]] = {}
+
+
+@dataclass(frozen=True)
+class ReplicaRef:
+    address: str  # host:port of its gRPC server
+    actor_name: str | None = None  # Ray actor name (None for servers not started by deploy)
+
+
+@dataclass
+class LLMEndpoint:
+    """Where an LLM service is; picklable, sent to every agent. ``client(key)`` to call it."""
+
+    name: str
+    spec: LLMSpec
+    replicas: list[ReplicaRef]
+    namespace: str | None = None
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @classmethod
+    def from_addresses(
+        cls,
+        addresses: list[str],
+        *,
+        name: str = "llm",
+        spec: LLMSpec | None = None,
+    ) -> LLMEndpoint:
+        """An endpoint for servers started elsewhere (``matrix-hpc serve llm``)."""
+        return cls(name=name, spec=spec or LLMSpec(backend="scripted"), replicas=[ReplicaRef(a) for a in addresses])
+
+    @property
+    def addresses(self) -> list[str]:
+        return [r.address for r in self.replicas]
+
+    def client(self, key: str | None = None):
+        """An async client; ``key`` (the task id) keeps a task's turns on one replica."""
+        from matrix_hpc.services.llm.client import LLMClient
+
+        return LLMClient(self, key)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the replicas (driver only). Safe to call twice."""
+        import ray
+
+        if not ray.is_initialized():
+            return
+        handles = list(_HANDLES.get(self.uid, []))
+        if not handles:  # another process (or a copy of the endpoint): find the actors by name
+            for r in self.replicas:
+                if r.actor_name is None:
+                    continue
+                try:
+                    handles.append(ray.get_actor(r.actor_name, namespace=self.namespace))
+                except ValueError:
+                    continue  # already gone
+        refs = [h.stop.remote() for h in handles]
+        try:  # graceful first: the vLLM engine stops its own subprocesses
+            ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        except Exception:  # noqa: BLE001 - a dead actor; it is killed below anyway
+            pass
+        for h in handles:
+            try:
+                ray.kill(h, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
+        _HANDLES.pop(self.uid, None)
+
+
+class LLMReplica:
+    """One replica: backend + gRPC server, started on first ``address()`` call (also after a restart)."""
+
+    def __init__(self, name: str, spec: dict[str, Any], base_dir: str | None, local: bool):
+        self.name = name
+        self.spec = LLMSpec.model_validate(spec)
+        self.base_dir = base_dir
+        self.local = local
+        os.environ.update(self.spec.env)
+        self._server = None
+        self._lock: asyncio.Lock | None = None
+
+    def _host(self) -> str:
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        if ip.startswith("127."):
+            return ip
+        return "127.0.0.1" if self.local else ip
+
+    async def address(self) -> str:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._server is None:
+                from matrix_hpc.services.llm.server import serve
+
+                logging.basicConfig(level=logging.INFO)
+                self._server = await serve(self.spec, self.name, host=self._host(), port=0, base_dir=self.base_dir)
+            return self._server.address
+
+    async def healthy(self) -> bool:
+        return self._server is not None and self._server.healthy
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            server, self._server = self._server, None
+            await server.stop(grace=1.0)
+
+
+def _root_cause(e: BaseException) -> str:
+    text = str(e)
+    # RayTaskError text ends with the original exception's "Type: message" line
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else repr(e)
+
+
+def deploy(name: str, spec: LLMSpec, *, base_dir: Path | str | None = None) -> LLMEndpoint:
+    """Start ``spec.replicas`` replicas as Ray actors and wait until each serves; needs ``ray.init()``."""
+    import ray
+
+    if not ray.is_initialized():
+        raise ServiceError(f"LLM {name!r}: call ray.init() before deploy()")
+    if isinstance(spec, dict):
+        spec = LLMSpec.model_validate(spec)
+    base = str(Path(base_dir).resolve()) if base_dir is not None else None
+    spec.resolve_model(base)  # fail early, on the driver, with a clear message
+    local = sum(1 for n in ray.nodes() if n.get("Alive")) == 1
+    namespace = ray.get_runtime_context().namespace
+    uid = uuid.uuid4().hex[:8]
+    actor_cls = ray.remote(LLMReplica)
+    names = [f"matrix-hpc/llm/{name}/{uid}/{i}" for i in range(spec.replicas)]
+    actors = [
+        actor_cls.options(
+            name=n,
+            namespace=namespace,
+            num_cpus=spec.ray_cpus(),
+            num_gpus=spec.gpus_per_replica,
+            max_restarts=spec.max_restarts,
+            max_concurrency=10_000,
+        ).remote(name, spec.model_dump(), base, local)
+        for n in names
+    ]
+    t0 = time.monotonic()
+    try:
+        addresses = ray.get([a.address.remote() for a in actors], timeout=spec.start_timeout_s)
+    except BaseException as e:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+        if isinstance(e, ray.exceptions.GetTimeoutError):
+            raise ServiceError(
+                f"LLM {name!r}: replicas not serving after {spec.start_timeout_s:.0f}s "
+                "(start_timeout_s); are there enough CPUs/GPUs in the Ray cluster?"
+            ) from None
+        if isinstance(e, ray.exceptions.RayError):
+            raise ServiceError(
+                f"LLM {name!r} ({spec.backend}, {spec.model}) failed to start: {_root_cause(e)}"
+            ) from None
+        raise
+    log.info("LLM %r: %d replica(s) serving in %.1fs: %s", name, len(actors), time.monotonic() - t0, addresses)
+    endpoint = LLMEndpoint(
+        name=name,
+        spec=spec,
+        namespace=namespace,
+        replicas=[ReplicaRef(a, n) for a, n in zip(addresses, names, strict=True)],
+    )
+    _HANDLES[endpoint.uid] = actors
+    return endpoint
