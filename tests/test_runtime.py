@@ -14,10 +14,7 @@ from matrix_hpc.v1 import task_pb2
 from matrix_hpc import load_job, run
 from matrix_hpc.job.load import payload_pool
 
-try:
-    from matrix_hpc.store import RunStore
-except ImportError:  # TEMPORARY until the store lands
-    from matrix_hpc.runtime._devstore import RunStore
+from matrix_hpc.store import RunStore
 
 THREE_ROLES = """
 from matrix_hpc import DONE

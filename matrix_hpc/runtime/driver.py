@@ -28,10 +28,7 @@ from matrix_hpc.runtime.services import deploy_all, shutdown_all
 from matrix_hpc.runtime.sink import SinkActor
 from matrix_hpc.runtime.source import SourceActor
 
-try:
-    from matrix_hpc.store import RunStore
-except ImportError:  # TEMPORARY until the store lands
-    from matrix_hpc.runtime._devstore import RunStore
+from matrix_hpc.store import RunStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +95,7 @@ def open_store(job: Job, *, force: bool) -> tuple[RunStore, bool]:
     """Create the run store, or reopen it for a resume (refusing if the job changed)."""
     try:
         store = RunStore.open(job.run_dir)
-    except Exception:  # noqa: BLE001 - no store yet: a fresh run
+    except StoreError:  # no store yet: a fresh run
         total = count_rows(job.dataset_path, job.spec.dataset.limit) * job.spec.dataset.trials
         store = RunStore.create(job.run_dir, job_yaml=job.yaml_text, descriptor_set=job.descriptor_set,
                                 payload_type=job.payload_type, fingerprint=job.fingerprint, total_tasks=total)

@@ -14,10 +14,7 @@ from matrix_hpc.runtime.agent_actor import ActorBase
 from matrix_hpc.runtime.message import DONE_STATUS, Task
 from matrix_hpc.runtime.router import Directory, resolve
 
-try:
-    from matrix_hpc.store import RunStore
-except ImportError:  # TEMPORARY until the store lands
-    from matrix_hpc.runtime._devstore import RunStore
+from matrix_hpc.store import RunStore
 
 
 class SinkActor(ActorBase):
