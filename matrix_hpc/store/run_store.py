@@ -320,6 +320,15 @@ class RunStore:
     def __repr__(self) -> str:
         return f"RunStore({str(self.run_dir)!r})"
 
+    def set_total_tasks(self, total_tasks: int) -> None:
+        """Record a new number of tasks for the run (e.g. the dataset grew), atomically."""
+        if total_tasks < 0:
+            raise StoreError(f"total_tasks must be >= 0, got {total_tasks}")
+        root = zarr.open_group(self._write_store(), mode="r+")
+        root.attrs["total_tasks"] = int(total_tasks)
+        self._write_store().sync_dirs()
+        self.total_tasks = int(total_tasks)
+
     @property
     def job_yaml(self) -> str:
         return (self.run_dir / JOB_FILE).read_text()
@@ -351,12 +360,16 @@ class RunStore:
         return v
 
     def _refresh(self) -> None:
-        """Read the segments committed since the last call (committed segments never change)."""
+        """Read the segments committed since the last call (a valid segment never changes).
+
+        Segments found invalid are looked at again next time: on a shared filesystem a reader
+        on another host may briefly see stale sizes, and such a segment must not be lost.
+        """
         for wid in self._writer_ids():
             v = self._view(wid)
             if v is None:
                 continue
-            seqs = sorted(s for s in _chunk_ids(v.folder / "commits") if (wid, s) not in self._segments)
+            seqs = sorted(s for s in _chunk_ids(v.folder / "commits") if self._segments.get((wid, s)) is None)
             if seqs:
                 self._load_segments(v, seqs)
 

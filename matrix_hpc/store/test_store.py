@@ -369,3 +369,22 @@ def test_direct_chunk_decoding_matches_zarr(tmp_path):
     assert rs._read_chunks(v.index, [0, 1, 2], v.folder / "index")[1] is None
     assert rs._read_chunks(v.index, [0, 1, 2])[1] is None
     assert rs._read_chunks(v.index, [0, 1, 2])[2] is not None
+
+
+def test_set_total_tasks_and_flush_from_an_event_loop(tmp_path):
+    import asyncio
+
+    store = _make(tmp_path / "run", total=10)
+    store.set_total_tasks(25)
+    assert RunStore.open(tmp_path / "run").total_tasks == 25
+
+    async def sink():  # a Ray async actor calls flush from inside its own event loop
+        w = store.writer("async")
+        _append(w, "async", 0, 5)
+        w.flush()
+        _append(w, "async", 5, 10)
+        await asyncio.to_thread(w.flush)
+
+    asyncio.run(sink())
+    assert store.committed() == _expected("async", 0, 10)
+    assert store.status()["pending"] == 15
