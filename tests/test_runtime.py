@@ -13,7 +13,6 @@ from matrix_hpc.v1 import task_pb2
 
 from matrix_hpc import load_job, run
 from matrix_hpc.job.load import payload_pool
-
 from matrix_hpc.store import RunStore
 
 THREE_ROLES = """
