@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -26,18 +27,19 @@ _LIMIT_NAMES = {v: k for k, v in {
     "wall_time": pb.LIMIT_WALL_TIME, "file_size": pb.LIMIT_FILE_SIZE, "disk": pb.LIMIT_DISK,
     "output": pb.LIMIT_OUTPUT}.items()}
 _RETRYABLE = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
-_channels: dict[tuple[int, str], grpc.aio.Channel] = {}
+# Channels are bound to an event loop: one table per loop, dropped with it.
+_channels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _counters: dict[tuple[str, ...], itertools.count] = {}
 
 
 def _stub(address: str) -> pb_grpc.SandboxStub:
-    key = (id(asyncio.get_running_loop()), address)
-    ch = _channels.get(key)
+    table = _channels.setdefault(asyncio.get_running_loop(), {})
+    ch = table.get(address)
     if ch is None:
         ch = grpc.aio.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE)])
-        _channels[key] = ch
+        table[address] = ch
     return pb_grpc.SandboxStub(ch)
 
 
