@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from zarr.core.buffer import Buffer
@@ -50,6 +51,24 @@ def write_atomic(path: Path, data: bytes | memoryview, *, fsync: bool = True) ->
     return n
 
 
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="store-fsync")
+    return _POOL
+
+
+def _forget_pool() -> None:  # a forked child has none of the parent's threads
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 class DurableLocalStore(LocalStore):
     """A zarr ``LocalStore`` whose writes are fsynced before the atomic rename.
 
@@ -81,6 +100,10 @@ class DurableLocalStore(LocalStore):
     def sync_dirs(self) -> None:
         """fsync every directory that received a new name since the last call."""
         dirs, self.dirty_dirs = self.dirty_dirs, set()
-        if self._fsync:
-            for d in dirs:
-                fsync_dir(d)
+        if not self._fsync or not dirs:
+            return
+        if len(dirs) == 1:
+            fsync_dir(dirs.pop())
+            return
+        # issued together, the filesystem can satisfy them with one journal commit
+        list(_pool().map(fsync_dir, dirs))
