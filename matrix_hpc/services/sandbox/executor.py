@@ -209,6 +209,8 @@ class Executor:
             hit.add("cpu_time")
         if code == 128 + signal.SIGXFSZ or b"[Errno 27] File too large" in out.stderr:
             hit.add("file_size")
+        if cg is None and (b"MemoryError" in out.stderr[-4096:] or b"Cannot allocate memory" in out.stderr):
+            hit.add("memory")  # RLIMIT_AS refused an allocation (no cgroup to tell us)
         if b"No space left on device" in out.stderr:
             hit.add("disk")
         if out.stdout_truncated or out.stderr_truncated:
