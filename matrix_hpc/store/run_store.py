@@ -453,7 +453,12 @@ class RunStore:
         seen: set[str] = set()
         for s in segs:
             v = self._views[s.writer]
-            heap = v.heap[s.heap_start:s.heap_end].tobytes() if s.heap_end > s.heap_start else b""
+            try:
+                heap = v.heap[s.heap_start:s.heap_end].tobytes() if s.heap_end > s.heap_start else b""
+            except Exception as e:
+                raise StoreError(
+                    f"{v.folder / 'heap'}: envelope chunks of commit {s.seq} are damaged ({e}); "
+                    f"remove {v.folder / 'commits' / f'c.{s.seq}.0'} to have its {s.n} rows redone") from e
             offs = (s.index[:, I_OFF] - s.heap_start).tolist()
             lens = s.index[:, I_LEN].tolist()
             for tid, st, o, n in zip(s.task_ids, s.index[:, I_STATUS].tolist(), offs, lens, strict=True):

@@ -388,3 +388,16 @@ def test_set_total_tasks_and_flush_from_an_event_loop(tmp_path):
     asyncio.run(sink())
     assert store.committed() == _expected("async", 0, 10)
     assert store.status()["pending"] == 15
+
+
+def test_heap_damaged_in_place_fails_export_clearly(tmp_path):
+    store = _make(tmp_path / "run")
+    w = store.writer("h")
+    _append(w, "h", 0, 20)
+    w.flush()
+    chunk = tmp_path / "run" / "store.zarr" / "writers" / "h" / "heap" / "c.0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the crc32c codec can tell
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="damaged.*remove .*c.0.0"):
+        list(RunStore.open(tmp_path / "run").iter_results())
