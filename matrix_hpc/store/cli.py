@@ -73,25 +73,25 @@ def _status(args) -> int:
         return 0
     total = st["total"] or 0
     pct = f" ({100 * st['committed'] / total:.1f}%)" if total else ""
-    lines = [
-        f"run        {st['run_dir']}",
-        f"payload    {st['payload_type']}",
-        f"total      {_fmt(st['total'])}",
-        f"done       {_fmt(st['done'])}",
-        f"failed     {_fmt(st['failed'])}",
-        f"committed  {_fmt(st['committed'])}{pct}",
-        f"pending    {_fmt(st['pending'])}   (of which in flight at the last checkpoint: "
-        f"{_fmt(st['in_flight_at_last_checkpoint'])})",
-        f"last checkpoint   {_fmt(st['last_checkpoint_time'])}",
-        f"commits    first {_fmt(st['first_commit_time'])}, last {_fmt(st['last_commit_time'])}, "
-        f"{st['writers']} writer(s)",
-        f"throughput {_fmt(st['throughput_rows_per_s'], ' rows/s')} overall, "
-        f"{_fmt(st['recent_rows_per_s'], ' rows/s')} over the last minute",
+    rows = [
+        ("run", st["run_dir"]),
+        ("payload", st["payload_type"]),
+        ("total", _fmt(st["total"])),
+        ("done", _fmt(st["done"])),
+        ("failed", _fmt(st["failed"])),
+        ("committed", f"{_fmt(st['committed'])}{pct}"),
+        ("pending", f"{_fmt(st['pending'])}  (in flight at the last checkpoint: "
+                    f"{_fmt(st['in_flight_at_last_checkpoint'])})"),
+        ("checkpoint", f"last at {_fmt(st['last_checkpoint_time'])}"),
+        ("commits", f"first {_fmt(st['first_commit_time'])}, last {_fmt(st['last_commit_time'])}, "
+                    f"{st['writers']} writer(s)"),
+        ("throughput", f"{_fmt(st['throughput_rows_per_s'], ' rows/s')} overall, "
+                       f"{_fmt(st['recent_rows_per_s'], ' rows/s')} over the last minute"),
     ]
     if st["duplicates"]:
-        lines.append(f"warning    {st['duplicates']} row(s) committed twice (the first is kept)")
+        rows.append(("warning", f"{st['duplicates']} row(s) committed twice (the first is kept)"))
     if st["torn_segments"]:
-        lines.append(f"note       {st['torn_segments']} torn commit(s) ignored "
-                     "(their rows are redone on resume)")
+        rows.append(("note", f"{st['torn_segments']} torn commit(s) ignored (their rows are redone on resume)"))
+    lines = [f"{k:<11} {v}" for k, v in rows]
     print("\n".join(lines))
     return 0

@@ -136,7 +136,7 @@ def test_cli_export_and_status(run, tmp_path, capsys):
     assert st["last_checkpoint_time"].endswith("Z")
     assert main(["status", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "done       45" in out and "in flight at the last checkpoint: 4" in out
+    assert "done        45" in out and "in flight at the last checkpoint: 4" in out
 
     assert main(["status", str(tmp_path)]) == 2
     assert "not a matrix-hpc run directory" in capsys.readouterr().err
