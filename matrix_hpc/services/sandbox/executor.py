@@ -67,6 +67,10 @@ class Handle:
         if self.cancelled.is_set():
             self.kill()
 
+    def _detach(self) -> None:
+        with self._lock:
+            self._pid = self._cgroup = None
+
     def kill(self) -> None:
         self.cancelled.set()
         with self._lock:
@@ -170,14 +174,14 @@ class Executor:
         launch.close_fds()
         handle._attach(proc.pid, cg)
         hit: set[str] = set()
-        status = None
-        rusage = None
         try:
-            status, rusage = self._pump(proc, out, limits, stdin, start, cg, hit, handle)
+            self._pump(proc, out, limits, stdin, start, cg, hit, handle)
         finally:
+            # The launcher is not reaped yet (its pid cannot be reused): kill its group, detach the
+            # handle, then reap it.
             _killpg(proc.pid)
-            if status is None:
-                _, status, rusage = os.wait4(proc.pid, 0)
+            handle._detach()
+            _, status, rusage = os.wait4(proc.pid, 0)
             proc.returncode = 0  # reaped by us; keep Popen from waiting again
             for f in (proc.stdin, proc.stdout, proc.stderr):
                 try:
@@ -225,7 +229,7 @@ class Executor:
         return out
 
     def _pump(self, proc, out: Outcome, limits: Limits, stdin: bytes, start: float,
-              cg: Cgroup | None, hit: set[str], handle: Handle):
+              cg: Cgroup | None, hit: set[str], handle: Handle) -> None:
         """Stream the pipes until the process exits and its pipes close, or a limit fires."""
         sel = selectors.DefaultSelector()
         bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
@@ -243,7 +247,7 @@ class Executor:
         pidfd = os.pidfd_open(proc.pid)
         sel.register(pidfd, selectors.EVENT_READ)
         deadline = start + limits.wall_time_s
-        status = rusage = None
+        status = None
         exited_at = None
         cap = limits.max_output_bytes
         try:
@@ -266,10 +270,11 @@ class Executor:
                 for key, _ in sel.select(timeout):
                     fd = key.fd
                     if fd == pidfd:
-                        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-                        if pid == 0:
-                            status = None
+                        # Exited (zombie, not reaped: the caller reaps it after detaching).
+                        exited = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                        if exited is None:
                             continue
+                        status = True
                         exited_at = time.monotonic()
                         sel.unregister(pidfd)
                     elif fd == stdin_fd:
@@ -304,7 +309,6 @@ class Executor:
             out.stderr = bytes(bufs[proc.stderr.fileno()])
             out.stdout_truncated = trunc[proc.stdout.fileno()]
             out.stderr_truncated = trunc[proc.stderr.fileno()]
-        return status, rusage
 
 
 def _raise_nofile() -> None:

@@ -92,7 +92,8 @@ class SandboxServer(pb_grpc.SandboxServicer):
         self.max_concurrent = spec.max_concurrent or os.cpu_count() or 1
         self.pool = ThreadPoolExecutor(self.max_concurrent + 4, thread_name_prefix="sandbox")
         root = state_dir or Path(tempfile.gettempdir())
-        self.state_dir = Path(tempfile.mkdtemp(prefix="matrix-hpc-sandbox-", dir=root))
+        _sweep_stale_state(root)
+        self.state_dir = Path(tempfile.mkdtemp(prefix=f"matrix-hpc-sandbox-{os.getpid()}-", dir=root))
         os.chmod(self.state_dir, 0o711)  # the unprivileged sandbox user must reach its session dir
         self.sessions: dict[str, _Session] = {}
         self.runs: dict[str, set[Handle]] = {}
@@ -122,6 +123,8 @@ class SandboxServer(pb_grpc.SandboxServicer):
         await self._server.start()
         for svc in ("", SERVICE_NAME):
             await self._health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        self._wake = asyncio.Event()
+        self._reap_every = 5.0
         self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
         log.info("sandbox server (%s, %s) on %s:%d", self.runtime.name, self.executor.isolation, host, bound)
         return bound
@@ -194,8 +197,8 @@ class SandboxServer(pb_grpc.SandboxServicer):
         except (SandboxArgumentError, ValueError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         handle = Handle()
-        owned = self.runs.setdefault(request.owner, set())
         async with self._slot(context):
+            owned = self.runs.setdefault(request.owner, set())
             owned.add(handle)
             try:
                 self.runs_total += 1
@@ -252,6 +255,8 @@ class SandboxServer(pb_grpc.SandboxServicer):
         s.dir.mkdir(mode=0o700)
         self.executor.chown(s.dir)
         self.sessions[sid] = s
+        if ttl / 4 < self._reap_every:
+            self._wake.set()
         if files:
             try:
                 await asyncio.get_running_loop().run_in_executor(self.pool, self._put, s, files)
@@ -392,11 +397,26 @@ class SandboxServer(pb_grpc.SandboxServicer):
     async def _reap_loop(self) -> None:
         while True:
             ttls = [s.ttl_s for s in self.sessions.values()] or [self.spec.session_ttl_s]
-            await asyncio.sleep(min(max(min(ttls) / 4, 0.05), 5.0))
+            self._reap_every = min(max(min(ttls) / 4, 0.05), 5.0)
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                # Woken early when a session with a shorter TTL opens.
+                await asyncio.wait_for(self._wake.wait(), self._reap_every)
             try:
                 await self.reap()
             except Exception:  # noqa: BLE001 - the reaper must survive anything
                 log.exception("session reaper")
+
+
+def _sweep_stale_state(root: Path) -> None:
+    """Remove the session directories of sandbox servers that died without stopping."""
+    for d in root.glob("matrix-hpc-sandbox-*-*"):
+        try:
+            pid = int(d.name.split("-")[3])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 class ServiceError(RuntimeError):

@@ -261,21 +261,22 @@ def test_cancelled_request_kills_its_sandbox(aloop, client, server):
 
 
 def test_sessions_of_a_dead_task_are_reaped_and_released(aloop, make_server):
-    srv, addr = make_server(session_ttl_s=0.3)
+    srv, addr = make_server(session_ttl_s=30)
     dead = SandboxClient([addr], key="task-dead")
     alive = SandboxClient([addr], key="task-alive")
 
     async def go():
         s_dead = await dead.open_session(ttl_s=0.3)
-        s_alive = await alive.open_session(ttl_s=0.3)
-        a = await s_alive.exec("touch keep")  # busy sessions are not reaped mid-exec
+        s_alive = await alive.open_session()  # the server's TTL (30 s)
         # Nobody touches s_dead again (its task died): the reaper closes it within its TTL.
-        for _ in range(200):
+        for _ in range(500):
             if s_dead.id not in srv.sessions:
                 break
             await __import__("asyncio").sleep(0.02)
         with pytest.raises(ServiceError) as e:
             await s_dead.exec("true")
+        a = await s_alive.exec("touch keep")
+        await s_alive.close()
         return a, e.value
 
     a, err = aloop.run(go())

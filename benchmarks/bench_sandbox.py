@@ -1,0 +1,129 @@
+"""Sandbox service benchmark: one-shot runs/s, cold start, session exec latency (real bwrap, gRPC).
+
+    .venv/bin/python benchmarks/bench_sandbox.py [--runs 40] [--no-ray] [--json]
+
+Every request goes through the real path: gRPC on 127.0.0.1 -> server -> launcher (cgroup, rlimits,
+drop root) -> bwrap over the debootstrapped `python` image -> `python3 -c 'print(1)'`.
+- runs/s at client concurrency 1, 2 and 8 (the node admits up to 8 sandboxes at once here);
+- cold start: a new server process-side object to its first answer, and (with Ray) deploy() of a
+  replica actor plus its first answer, after ray.init();
+- session exec latency: median and p90 of Exec on an open session, and open + close.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+
+from matrix_hpc.services.sandbox.client import SandboxClient
+from matrix_hpc.services.sandbox.image import build_image
+from matrix_hpc.services.sandbox.server import SandboxServer
+from matrix_hpc.services.sandbox.spec import SandboxSpec
+
+CMD = ["python3", "-c", "print(1)"]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def throughput(client: SandboxClient, concurrency: int, n: int) -> float:
+    todo = iter(range(n))
+
+    async def worker():
+        for _ in todo:
+            r = await client.run(CMD)
+            assert r.ok and r.stdout == "1\n", r
+
+    t = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return n / (time.perf_counter() - t)
+
+
+async def in_process(args) -> dict:
+    image = build_image("python", quiet=True)
+    spec = SandboxSpec(image=str(image), max_concurrent=8)
+    t0 = time.perf_counter()
+    server = SandboxServer(spec)
+    port = await server.start("127.0.0.1", 0)
+    client = SandboxClient([f"127.0.0.1:{port}"], key="bench")
+    first = await client.run(CMD)
+    cold = time.perf_counter() - t0
+    assert first.ok
+    out: dict = {"isolation": server.executor.isolation, "server_cold_start_s": round(cold, 4)}
+    for _ in range(3):  # warm up
+        await client.run(CMD)
+    single = []
+    for _ in range(20):
+        t = time.perf_counter()
+        await client.run(CMD)
+        single.append(time.perf_counter() - t)
+    out["run_latency_median_s"] = round(statistics.median(single), 4)
+    for c in (1, 2, 8):
+        out[f"runs_per_s_c{c}"] = round(await throughput(client, c, args.runs * max(1, c // 2)), 1)
+    execs, opens = [], []
+    for _ in range(5):
+        t = time.perf_counter()
+        s = await client.open_session()
+        await s.close()
+        opens.append(time.perf_counter() - t)
+    async with await client.open_session() as s:
+        for _ in range(30):
+            t = time.perf_counter()
+            r = await s.exec(CMD)
+            execs.append(time.perf_counter() - t)
+            assert r.ok
+    out["session_exec_median_s"] = round(statistics.median(execs), 4)
+    out["session_exec_p90_s"] = round(pct(execs, 0.9), 4)
+    out["session_open_close_median_s"] = round(statistics.median(opens), 4)
+    await server.stop()
+    return out
+
+
+def with_ray() -> dict:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    from matrix_hpc.services.sandbox import deploy
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             object_store_memory=256 * 1024**2, log_to_driver=False)
+    try:
+        t = time.perf_counter()
+        ep = deploy("bench", SandboxSpec(image="python"))
+        t_deploy = time.perf_counter() - t
+        r = asyncio.run(ep.client("bench").run(CMD))
+        total = time.perf_counter() - t
+        assert r.ok
+        ep.shutdown()
+        return {"ray_deploy_s": round(t_deploy, 3), "ray_deploy_to_first_result_s": round(total, 3)}
+    finally:
+        ray.shutdown()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=40, help="one-shot runs per concurrency level (x c/2)")
+    p.add_argument("--no-ray", action="store_true", help="skip the Ray deploy cold-start measurement")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    res = asyncio.run(in_process(args))
+    if not args.no_ray:
+        res.update(with_ray())
+    res["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}"
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        for k, v in res.items():
+            print(f"{k:32s} {v}")
+
+
+if __name__ == "__main__":
+    main()
