@@ -239,3 +239,41 @@ def test_deploy_failure_is_a_clear_service_error(ray_local, tmp_path):
             LLMSpec(backend="openai", model="m", base_url="http://127.0.0.1:9/v1", start_timeout_s=60),
             base_dir=tmp_path,
         )
+
+
+def test_a_restarted_replica_is_found_again_at_its_new_port(ray_local):
+    ray = ray_local
+    spec = LLMSpec(backend="scripted", replicas=2, max_restarts=1, scripted={"latency": {"base_s": 0.005}})
+    endpoint = deploy("phoenix", spec, base_dir=".")
+    try:
+
+        async def main():
+            client = endpoint.client()
+            await asyncio.gather(*[client.chat("warm") for _ in range(10)])
+            victim = ray.get_actor(endpoint.replicas[0].actor_name, namespace=endpoint.namespace)
+            ray.kill(victim, no_restart=False)  # Ray restarts it; its server comes back on another port
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            seen: set[str] = set()
+            while loop.time() < deadline:
+                rs = await asyncio.gather(*[client.chat("again") for _ in range(4)])
+                seen |= {r.replica for r in rs}
+                if seen - set(endpoint.addresses):
+                    return seen
+            return seen
+
+        seen = run(main())
+        new = seen - set(endpoint.addresses)
+        assert len(new) == 1 and endpoint.addresses[1] in seen, seen
+    finally:
+        endpoint.shutdown()
+
+
+def test_spec_sampling_defaults_apply_when_a_request_leaves_them_unset(echo):
+    spec = LLMSpec(backend="scripted", sampling={"max_tokens": 2, "n": 2})
+    with BackgroundServer(spec, "defaults") as srv:
+        client = srv.endpoint().client()
+        r = run(client.chat("one two three four"))
+        assert r.texts == ["one two", "one two"] and r.finish_reason == "length"
+        r = run(client.chat("one two three four", max_tokens=3, n=1))
+        assert r.texts == ["one two three"]
