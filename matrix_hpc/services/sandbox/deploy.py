@@ -128,12 +128,24 @@ def deploy(name: str, spec: SandboxSpec | dict, *, base_dir: str | Path | None =
         raise ServiceError(f"sandbox {name!r}: a replica failed to start: {cause}") from e
     ep = SandboxEndpoint(name, list(addresses), spec.limits.wall_time_s, actors)
     try:
-        asyncio.run(_wait_healthy(ep.addresses, max(5.0, timeout_s - (time.monotonic() - t0))))
+        _run_sync(_wait_healthy(ep.addresses, max(5.0, timeout_s - (time.monotonic() - t0))))
     except Exception as e:
         ep.shutdown()
         raise ServiceError(f"sandbox {name!r}: replicas did not become healthy: {e}") from e
     log.info("sandbox %s: %d replica(s) at %s", name, len(addresses), ", ".join(addresses))
     return ep
+
+
+def _run_sync(coro):
+    """asyncio.run, also from a thread that already runs an event loop (then in a helper thread)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 async def _wait_healthy(addresses: list[str], timeout: float) -> None:

@@ -344,3 +344,33 @@ def test_health_service(aloop, server):
                 health_pb2.HealthCheckRequest(service="matrix_hpc.sandbox.v1.Sandbox"), timeout=5)
 
     assert aloop.run(go()).status == 1  # SERVING
+
+
+def test_session_over_its_disk_quota_is_closed(aloop, client, server):
+    async def go():
+        s = await client.open_session(limits={"work_dir_bytes": 1 << 20})
+        r = await s.exec("head -c 3000000 /dev/zero > big; echo wrote")
+        with pytest.raises(ServiceError) as e:
+            await s.exec("true")
+        return r, e.value
+
+    r, err = aloop.run(go())
+    assert "disk" in r.limits_hit and "closed" in r.error
+    assert err.code == "NOT_FOUND"
+    assert not any(s for s in server[0].sessions.values())
+
+
+def test_rlimit_fallback_without_cgroups(python_image):
+    """Where cgroups cannot be created the same limits hold per process (weaker, still contained)."""
+    from .executor import Executor
+    from .runtimes import BwrapRuntime
+    from .spec import Limits
+
+    ex = Executor(use_cgroups=False)
+    rt = BwrapRuntime(image=python_image)
+    lim = Limits(wall_time_s=10, memory_bytes=256 << 20)
+    ok = ex.run(rt, ["python3", "-c", "print('fine')"], limits=lim)
+    assert ok.exit_code == 0 and ok.stdout == b"fine\n"
+    hog = ex.run(rt, ["python3", "-c", "x = bytearray(1 << 30)"], limits=lim)
+    assert hog.exit_code != 0 and "memory" in hog.limits_hit
+    assert ex.isolation == "rlimits"
