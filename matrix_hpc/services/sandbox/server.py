@@ -292,6 +292,8 @@ class SandboxServer(pb_grpc.SandboxServicer):
             if s.closed:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"session {s.id} was closed")
             async with self._slot(context):
+                if s.closed:  # closed (released, reaped) while it waited for a slot
+                    await context.abort(grpc.StatusCode.NOT_FOUND, f"session {s.id} was closed")
                 s.handle = Handle()
                 try:
                     self.runs_total += 1

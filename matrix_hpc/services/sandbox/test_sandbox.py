@@ -5,6 +5,7 @@ Hostile inputs must each end with a clear result, the host unharmed and no proce
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -250,7 +251,7 @@ def test_cancelled_request_kills_its_sandbox(aloop, client, server):
         for _ in range(100):
             if not host_procs_with("sleep 16180") and server[0].running == 0:
                 return True
-            await __import__("asyncio").sleep(0.05)
+            await asyncio.sleep(0.05)
         return False
 
     assert aloop.run(settle())
@@ -272,7 +273,7 @@ def test_sessions_of_a_dead_task_are_reaped_and_released(aloop, make_server):
         for _ in range(500):
             if s_dead.id not in srv.sessions:
                 break
-            await __import__("asyncio").sleep(0.02)
+            await asyncio.sleep(0.02)
         with pytest.raises(ServiceError) as e:
             await s_dead.exec("true")
         a = await s_alive.exec("touch keep")
@@ -312,8 +313,6 @@ def test_full_node_answers_resource_exhausted_and_client_moves_on(aloop, make_se
     _, other_addr = make_server(max_concurrent=1, max_queue=0)
 
     async def go():
-        import asyncio
-
         async with grpc.aio.insecure_channel(full_addr) as ch:
             stub = pb_grpc.SandboxStub(ch)
             busy = asyncio.ensure_future(stub.Run(pb.RunRequest(command=["sleep", "2"]), timeout=20))
