@@ -103,6 +103,7 @@ class LLMReplica:
         self.local = local
         os.environ.update(self.spec.env)
         self._server = None
+        self._watchdog: asyncio.Task | None = None
         self._lock: asyncio.Lock | None = None
 
     def _host(self) -> str:
@@ -122,12 +123,26 @@ class LLMReplica:
 
                 logging.basicConfig(level=logging.INFO)
                 self._server = await serve(self.spec, self.name, host=self._host(), port=0, base_dir=self.base_dir)
+                self._watchdog = asyncio.get_running_loop().create_task(self._exit_when_dead())
             return self._server.address
+
+    async def _exit_when_dead(self) -> None:
+        """A dead engine does not come back: once the server reports NOT_SERVING (and in-flight
+        requests got UNAVAILABLE), end this process so that Ray restarts the replica."""
+        while self._server is not None and self._server.healthy:
+            await asyncio.sleep(1.0)
+        if self._server is None or self.spec.max_restarts == 0:
+            return
+        await asyncio.sleep(2.0)
+        log.error("LLM %r replica at %s: engine dead, exiting for Ray to restart it", self.name, self._server.address)
+        os._exit(1)
 
     async def healthy(self) -> bool:
         return self._server is not None and self._server.healthy
 
     async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._server is not None:
             server, self._server = self._server, None
             await server.stop(grace=1.0)
