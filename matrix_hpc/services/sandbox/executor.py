@@ -206,6 +206,8 @@ class Executor:
             out.exit_code = 128 + out.signal
         else:
             out.exit_code = os.WEXITSTATUS(status)
+            if 128 < out.exit_code <= 128 + 64:  # the runtime's report of a command killed by a signal
+                out.signal = out.exit_code - 128
         code = out.exit_code
         if code in (128 + signal.SIGXCPU, 128 + signal.SIGKILL) and out.cpu_time_s >= limits.cpu_time_s * 0.95:
             hit.add("cpu_time")
