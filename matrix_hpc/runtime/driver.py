@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
+from ray.exceptions import RayActorError
 
 from matrix_hpc.job.dataset import count_rows
 from matrix_hpc.job.load import Job, load_job
@@ -27,7 +28,6 @@ from matrix_hpc.runtime.progress import Progress, percentiles
 from matrix_hpc.runtime.services import deploy_all, shutdown_all
 from matrix_hpc.runtime.sink import SinkActor
 from matrix_hpc.runtime.source import SourceActor
-
 from matrix_hpc.store import RunStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,6 @@ class _Run:
             for role, rs in self.spec.roles.items()
         }
         self.incarnations = dict(zip(self._all(), ray.get([a.ping.remote() for a in self._all()]), strict=True))
-        ray.get([s.start.remote() for s in self.sinks])
         ray.get(self.source.start.remote())
 
     def _all(self) -> list:
@@ -195,7 +194,11 @@ class _Run:
         last_checkpoint = last_health = time.monotonic()
         try:
             while True:
-                src, *sinks = ray.get([self.source.stats.remote(), *[s.stats.remote() for s in self.sinks]])
+                try:
+                    src, *sinks = ray.get([self.source.stats.remote(), *[s.stats.remote() for s in self.sinks]])
+                except RayActorError:
+                    self._recover_if_needed()
+                    continue
                 progress.update(done=sum(s["done"] for s in sinks), failed=sum(s["failed"] for s in sinks),
                                 in_flight=src["in_flight"])
                 if src["exhausted"] and src["in_flight"] == 0:
@@ -227,12 +230,23 @@ class _Run:
         """A consistent cut: pause every sender, wait for sends in flight to land, then ask each
         actor what it holds. Nothing moves between actors in between, so each in-flight task is
         seen exactly once (in an inbox, inside a step as its pre-step message, or unsent)."""
-        actors = self._all()
-        ray.get([a.pause.remote() for a in actors])
-        try:
-            src, *rest = ray.get([a.collect.remote() for a in actors])
-        finally:
-            ray.get([a.resume.remote() for a in actors])
+        for _ in range(10):
+            actors = self._all()
+            try:
+                ray.get([a.pause.remote() for a in actors])
+                src, *rest = ray.get([a.collect.remote() for a in actors])
+                ray.get([a.resume.remote() for a in actors])
+                break
+            except RayActorError:
+                # An actor died during the cut: let the others go on, wait for it, cut again.
+                for ref in [a.resume.remote() for a in actors]:
+                    try:
+                        ray.get(ref)
+                    except RayActorError:
+                        pass
+                self._wait_alive()
+        else:
+            raise RuntimeError("could not take a consistent snapshot: actors keep dying")
         held: dict[str, bytes] = {}
         for data in [*src["pending"], *(d for part in rest for d in part)]:
             t = Task.FromString(data)
@@ -252,27 +266,37 @@ class _Run:
         self._reinject_lost(outstanding, held)
         return len(messages)
 
+    def _wait_alive(self, timeout: float = 120) -> list:
+        """Ping every actor until all answer (restarting ones take a moment); return the ones
+        that came back as a new incarnation, having lost what they held."""
+        changed, pending = [], self._all()
+        end = time.monotonic() + timeout
+        while pending:
+            refs = {a.ping.remote(): a for a in pending}
+            ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=max(0.1, end - time.monotonic()))
+            pending = [refs[r] for r in not_ready]
+            for ref in ready:
+                actor = refs[ref]
+                try:
+                    incarnation = ray.get(ref)
+                except RayActorError:
+                    if actor is self.source:
+                        raise RuntimeError("the source actor died; resume the run to continue from the last "
+                                           "checkpoint") from None
+                    pending.append(actor)
+                    continue
+                if incarnation != self.incarnations[actor]:
+                    changed.append(actor)
+                    self.incarnations[actor] = incarnation
+            if pending:
+                if time.monotonic() > end:
+                    raise RuntimeError(f"{len(pending)} actor(s) did not come back within {timeout:.0f}s")
+                time.sleep(0.2)
+        return changed
+
     def _recover_if_needed(self) -> None:
-        actors = self._all()
-        refs = {a.ping.remote(): a for a in actors}
-        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=10)
-        changed = []
-        for ref in ready:
-            a = refs[ref]
-            try:
-                inc = ray.get(ref)
-            except ray.exceptions.RayActorError:
-                inc = None
-            if inc != self.incarnations.get(a):
-                changed.append(a)
-                self.incarnations[a] = inc
-        if changed:
-            if self.source in changed:
-                raise RuntimeError("the source actor died; resume the run to continue from the last checkpoint")
-            log.warning("%d actor(s) restarted; recovering the tasks they held", len(changed))
-            for s in changed:
-                if s in self.sinks:
-                    ray.get(s.start.remote())
+        if self._wait_alive():
+            log.warning("actor(s) restarted; recovering the tasks they held")
             outstanding, held = self._cut()
             self._reinject_lost(outstanding, held)
 

@@ -13,7 +13,6 @@ from matrix_hpc.job.load import Job
 from matrix_hpc.runtime.agent_actor import ActorBase
 from matrix_hpc.runtime.message import DONE_STATUS, Task
 from matrix_hpc.runtime.router import Directory, resolve
-
 from matrix_hpc.store import RunStore
 
 
@@ -32,15 +31,14 @@ class SinkActor(ActorBase):
         self.done = self.failed = self.duplicates = 0
         self.ticker: asyncio.Task | None = None
 
-    async def start(self) -> None:
-        self.ticker = asyncio.get_running_loop().create_task(self._tick())
-
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
             self._maybe_flush(force=True)
 
     async def deliver(self, items: list) -> int:
+        if self.ticker is None:  # started here, so that a restarted sink ticks too
+            self.ticker = asyncio.get_running_loop().create_task(self._tick())
         for data in await resolve(items):
             t = Task.FromString(data)
             if t.task_id in self.seen:

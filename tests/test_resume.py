@@ -1,0 +1,210 @@
+"""Resume: kill -9 of the whole run at random moments, Ctrl-C, SIGUSR2 snapshots, a killed sink,
+and refusing to resume a run of a changed job. Real processes, real kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import deadline
+from matrix_hpc.v1 import task_pb2
+from test_runtime import results
+
+from matrix_hpc import load_job, run
+from matrix_hpc.runtime.driver import ResumeRefused
+from matrix_hpc.store import RunStore
+
+STEPS = 6
+# Each step appends one line "task step" to calls.log (O_APPEND): the counting service.
+COUNTING = f"""
+import asyncio, os
+from matrix_hpc import DONE
+
+STEPS = {STEPS}
+
+def _count(ctx):
+    fd = os.open(os.path.join(os.path.dirname(__file__), "calls.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.write(fd, f"{{ctx.task_id}} {{ctx.step}}\\n".encode())
+    os.close(fd)
+
+async def ping(item, ctx):
+    await asyncio.sleep(0.15 + ctx.random.random() * 0.15)
+    _count(ctx)
+    item.path.append(f"ping{{ctx.step}}")
+    return "pong"
+
+async def pong(item, ctx):
+    await asyncio.sleep(0.15 + ctx.random.random() * 0.15)
+    _count(ctx)
+    item.path.append(f"pong{{ctx.step}}")
+    return DONE if ctx.step + 1 >= STEPS else "ping"
+"""
+ROLES = {"ping": {"agent": "agents:ping", "concurrency": 500}, "pong": {"agent": "agents:pong", "concurrency": 500}}
+
+
+def cli(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "matrix_hpc.cli", *args], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of the run's session: the driver, Ray's daemons and its workers
+    (which Ray puts in process groups of their own), as a node failure or scancel would."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" ", 1)
+            if int(rest.rsplit(")", 1)[1].split()[3]) == sid:
+                os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            continue
+
+
+def wait_for_snapshot(run_dir: Path, proc: subprocess.Popen, timeout: float = 90, committed: int = 0) -> None:
+    """Block until the run has written a snapshot holding a task part-way through, and committed
+    at least ``committed`` rows (polling the store)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            snap = RunStore.open(run_dir).latest_snapshot()
+        except Exception:  # noqa: BLE001 - the store is not created yet
+            snap = None
+        if snap and any(task_pb2.Task.FromString(t).step > 0 for t in snap[0]):
+            if len(RunStore.open(run_dir).committed()) >= committed:
+                return
+        time.sleep(0.1)
+    raise TimeoutError("no snapshot was written")
+
+
+def calls(job_dir: Path) -> Counter:
+    return Counter(tuple(line.split()) for line in (job_dir / "calls.log").read_text().splitlines())
+
+
+def check_complete(job, rows: int) -> None:
+    got = results(job)
+    assert Counter(t.task_id for t, _ in got) == Counter({f"r{i}#0": 1 for i in range(rows)})
+    for t, p in got:
+        assert t.status == task_pb2.TASK_STATUS_DONE and t.step == STEPS
+        assert list(p.path) == [f"{'ping' if s % 2 == 0 else 'pong'}{s}" for s in range(STEPS)]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_kill_9_of_the_whole_run_then_resume(make_job, seed):
+    rows = 200
+    path = make_job(COUNTING, ROLES, "ping", rows=rows, run={"max_in_flight": 60, "checkpoint_interval_s": 0.3})
+    job = load_job(path)
+    proc = cli("run", str(path), "--no-progress")
+    wait_for_snapshot(job.run_dir, proc)
+    time.sleep(random.Random(seed).uniform(0.0, 1.0))  # a random moment, not a synchronization
+    kill_session(proc.pid)
+    proc.wait()
+
+    store = RunStore.open(job.run_dir)
+    committed = store.committed()
+    snapshot = {t.task_id: t.step for t in map(task_pb2.Task.FromString, store.latest_snapshot()[0])}
+    before = calls(path.parent)
+    assert len(committed) < rows, "the run finished before it was killed; nothing to resume"
+
+    resumed = cli("resume", str(job.run_dir), "--no-progress", "--json")
+    out, _ = resumed.communicate(timeout=180)
+    assert resumed.returncode == 0, out
+    summary = json.loads(out.strip().splitlines()[-1])
+    check_complete(job, rows)
+    assert summary["done"] == rows - len(committed)
+
+    after = calls(path.parent)
+    # Committed rows were not run again.
+    for tid in committed:
+        assert after[(tid, str(STEPS - 1))] == before[(tid, str(STEPS - 1))]
+    # Tasks restored from the snapshot continued from their saved step: earlier steps ran once.
+    resumed_mid_way = [tid for tid, step in snapshot.items() if tid not in committed and step > 0]
+    assert resumed_mid_way, "no task was in the middle of its steps at the snapshot"
+    for tid in resumed_mid_way:
+        for s in range(snapshot[tid]):
+            assert after[(tid, str(s))] == 1, (tid, s, snapshot[tid])
+
+
+def test_ctrl_c_keeps_results_and_resume_finishes(make_job):
+    rows = 120
+    path = make_job(COUNTING, ROLES, "ping", rows=rows, run={"max_in_flight": 40, "checkpoint_interval_s": 0.5})
+    job = load_job(path)
+    proc = cli("run", str(path), "--no-progress")
+    wait_for_snapshot(job.run_dir, proc, committed=1)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert f"matrix-hpc resume {job.run_dir}" in out
+    kept = len(RunStore.open(job.run_dir).committed())
+    assert 0 < kept < rows
+
+    resumed = cli("resume", str(job.run_dir), "--no-progress")
+    out, _ = resumed.communicate(timeout=180)
+    assert resumed.returncode == 0, out
+    check_complete(job, rows)
+
+
+def test_sigusr2_takes_a_snapshot(ray_session, make_job):
+    path = make_job(COUNTING, ROLES, "ping", rows=80, run={"max_in_flight": 40, "checkpoint_interval_s": 3600})
+    job = load_job(path)
+
+    def signal_when_busy(r):
+        def go():
+            while ray_session.get(r.source.stats.remote())["in_flight"] < 20:
+                time.sleep(0.02)
+            os.kill(os.getpid(), signal.SIGUSR2)
+        threading.Thread(target=go, daemon=True).start()
+
+    with deadline(120):
+        summary = run(job, progress=False, on_start=signal_when_busy)
+    assert summary.done == 80 and summary.checkpoints == 1
+    tasks, meta = RunStore.open(job.run_dir).latest_snapshot()
+    assert len(tasks) == meta["in_flight"] > 0
+    assert len({task_pb2.Task.FromString(t).task_id for t in tasks}) == len(tasks)
+
+
+def test_a_killed_sink_loses_nothing_and_writes_nothing_twice(ray_session, make_job):
+    rows = 300
+    path = make_job(COUNTING.replace("STEPS = 6", "STEPS = 2"), ROLES, "ping", rows=rows,
+                    run={"max_in_flight": 100, "sinks": 2, "commit_interval_s": 0.5})
+    job = load_job(path)
+    killed = []
+
+    def kill_sink(r):
+        def go():
+            victim = r.sinks[0]
+            while ray_session.get(victim.stats.remote())["done"] < 20:
+                time.sleep(0.01)
+            ray_session.kill(victim, no_restart=False)
+            killed.append(True)
+        threading.Thread(target=go, daemon=True).start()
+
+    with deadline(180):
+        summary = run(job, progress=False, on_start=kill_sink)
+    assert killed
+    got = results(job)
+    assert Counter(t.task_id for t, _ in got) == Counter({f"r{i}#0": 1 for i in range(rows)})
+    assert summary.done + len(RunStore.open(job.run_dir).committed()) >= rows
+
+
+def test_resume_of_a_changed_job_is_refused_unless_forced(ray_session, make_job):
+    path = make_job(COUNTING.replace("STEPS = 6", "STEPS = 1"), ROLES, "ping", rows=5)
+    job = load_job(path)
+    with deadline(60):
+        assert run(job, progress=False).done == 5
+    path.write_text(path.read_text().replace('"name": "t"', '"name": "t", "description": "changed"'))
+    (path.parent / "agents.py").write_text((path.parent / "agents.py").read_text() + "\n# edited\n")
+    with pytest.raises(ResumeRefused, match="changed since: (job_spec, agent_code|agent_code, job_spec)"):
+        run(load_job(path), progress=False)
+    with deadline(60):
+        summary = run(load_job(path), progress=False, force=True)
+    assert summary.done == 0 and summary.total == 5
