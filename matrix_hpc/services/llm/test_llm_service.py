@@ -214,18 +214,27 @@ def test_deploy_two_replicas_balances_sticks_and_survives_a_killed_replica(ray_l
                     if len(done) == 60:
                         halfway.set()
 
+            killed_at: list[int] = []
+
             async def killer():
                 await halfway.wait()
                 victim = ray.get_actor(endpoint.replicas[0].actor_name, namespace=endpoint.namespace)
                 ray.kill(victim, no_restart=True)
+                while True:  # until Ray confirms the replica is dead
+                    try:
+                        await victim.healthy.remote()
+                    except ray.exceptions.RayActorError:
+                        break
+                killed_at.append(len(done))
 
             await asyncio.gather(*[caller(i) for i in range(8)], killer())
-            return done
+            return done, killed_at[0]
 
-        done = run(main())
+        done, killed_at = run(main())
         assert len(done) == 240  # every call answered
-        after = done[80:]  # well after the kill, only the survivor answers
-        assert set(after) == {endpoint.addresses[1]}
+        assert endpoint.addresses[0] in done[:killed_at]
+        # once the replica is dead only the survivor answers (8: answers already on their way)
+        assert set(done[killed_at + 8 :]) <= {endpoint.addresses[1]}
     finally:
         endpoint.shutdown()
 
