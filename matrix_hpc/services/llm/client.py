@@ -371,6 +371,7 @@ class LLMClient:
                 break
             started = False
             r.outstanding += 1
+            call = None
             try:
                 call = r.stub.ChatStream(req, timeout=max(0.001, deadline - time.monotonic()))
                 async for chunk in call:
@@ -384,6 +385,8 @@ class LLMClient:
                 self._failed(pool, r, e, avoid)
             finally:
                 r.outstanding -= 1
+                if call is not None and not call.done():
+                    call.cancel()  # the consumer stopped early: free the server's work
             await self._backoff(attempt, deadline)
         raise self._gave_up(last)
 
