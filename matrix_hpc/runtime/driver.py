@@ -32,7 +32,7 @@ from matrix_hpc.store import RunStore, StoreError
 
 log = logging.getLogger(__name__)
 
-_POLL_S = 0.25
+_POLL_S = 0.1
 _HEALTH_S = 1.0
 
 
@@ -53,6 +53,7 @@ class RunSummary:
     interrupted: bool = False
     step_latency: dict[str, dict[str, float]] = field(default_factory=dict)  # role -> p50/p99 seconds
     step_counts: dict[str, list[int]] = field(default_factory=dict)  # role -> steps done by each actor
+    processing_s: float = 0.0  # from the first task sent to the last one committed (no start-up, no teardown)
 
     @property
     def throughput(self) -> float:
@@ -118,6 +119,7 @@ class _Run:
         self.show_progress = progress
         self.recovered = self.checkpoints = 0
         self.snapshot_requested = threading.Event()
+        self.processing_s = 0.0
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -133,7 +135,7 @@ class _Run:
             name=f"{self.id}/source", num_cpus=0, **opts).remote(self.job, directory, skip, restore)
         self.sinks = [
             ray.remote(SinkActor).options(name=name, num_cpus=0, max_restarts=-1, **opts)
-            .remote(self.job, i, directory, f"{self.id}/source", str(self.job.run_dir))
+            .remote(self.job, i, directory, f"{self.id}/source", str(self.job.run_dir), endpoints)
             for i, name in enumerate(directory["done"])
         ]
         self.agents = {
@@ -146,7 +148,6 @@ class _Run:
             for role, rs in self.spec.roles.items()
         }
         self.incarnations = dict(zip(self._all(), ray.get([a.ping.remote() for a in self._all()]), strict=True))
-        ray.get(self.source.start.remote())
 
     def _all(self) -> list:
         return [self.source, *self.sinks, *(a for pool in self.agents.values() for a in pool)]
@@ -169,7 +170,7 @@ class _Run:
                 on_start(self)
             previous = self._install_sigusr2()
             try:
-                interrupted = not self._loop(t0, len(committed))
+                interrupted = not self._loop(len(committed))
             finally:
                 if previous is not None:
                     signal.signal(signal.SIGUSR2, previous)
@@ -182,15 +183,18 @@ class _Run:
         status = self.store.status()
         summary = RunSummary(
             run_dir=self.job.run_dir, done=sum(f["done"] for f in finals), failed=sum(f["failed"] for f in finals),
-            total=status["total"], wall_s=time.monotonic() - t0, resumed=len(restore), recovered=self.recovered,
+            total=status["total"], wall_s=time.monotonic() - t0, processing_s=self.processing_s,
+            resumed=len(restore), recovered=self.recovered,
             checkpoints=self.checkpoints, interrupted=interrupted, step_latency=latency, step_counts=counts,
         )
         self.store.log_event("interrupted" if interrupted else "finished", done=summary.done, failed=summary.failed)
         return summary
 
-    def _loop(self, t0: float, already: int) -> bool:
+    def _loop(self, already: int) -> bool:
         """Run until every task is committed (True) or Ctrl-C (False, after a checkpoint)."""
         progress = Progress(self.store.total_tasks, already, enabled=self.show_progress)
+        started = time.monotonic()
+        ray.get(self.source.start.remote())
         last_checkpoint = last_health = time.monotonic()
         try:
             while True:
@@ -202,6 +206,7 @@ class _Run:
                 progress.update(done=sum(s["done"] for s in sinks), failed=sum(s["failed"] for s in sinks),
                                 in_flight=src["in_flight"])
                 if src["exhausted"] and src["in_flight"] == 0:
+                    self.processing_s = time.monotonic() - started
                     progress.close()
                     return True
                 now = time.monotonic()

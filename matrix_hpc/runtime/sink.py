@@ -5,6 +5,7 @@ source (which frees their places in flight). Each sink owns its own writer in th
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import ray
@@ -15,10 +16,14 @@ from matrix_hpc.runtime.message import DONE_STATUS, Task
 from matrix_hpc.runtime.router import Directory, resolve
 from matrix_hpc.store import RunStore
 
+log = logging.getLogger(__name__)
+
 
 class SinkActor(ActorBase):
-    def __init__(self, job: Job, index: int, directory: Directory, source: str, run_dir: str):
+    def __init__(self, job: Job, index: int, directory: Directory, source: str, run_dir: str, services: dict):
         super().__init__(job, directory)
+        # Sandbox sessions belong to their task: closed once the task is committed.
+        self.releasers = list(services.get("sandbox", {}).values())
         store = RunStore.open(Path(run_dir))
         self.writer = store.writer(f"sink-{index}")
         self.seen = set(store.committed())  # exactly once, across restarts and resumes
@@ -58,7 +63,13 @@ class SinkActor(ActorBase):
     async def _flush(self, batch: list[tuple[str, int, int, bytes]]) -> None:
         try:
             await asyncio.to_thread(self._write, batch)
-            await self.source.finished.remote([tid for tid, *_ in batch])
+            ids = [tid for tid, *_ in batch]
+            await self.source.finished.remote(ids)
+            for endpoint in self.releasers:
+                try:
+                    await endpoint.release(ids)
+                except Exception as e:  # noqa: BLE001 - the TTL reaper closes them later anyway
+                    log.warning("could not release sandbox sessions of %d task(s): %s", len(ids), e)
             done = sum(1 for _, _, status, _ in batch if status == DONE_STATUS)
             self.done += done
             self.failed += len(batch) - done
