@@ -162,7 +162,7 @@ class _Run:
         self.store.log_event("resumed" if self.resuming else "started", restored=len(restore),
                              committed=len(committed), run_id=self.id)
         t0 = time.monotonic()
-        endpoints = deploy_all(self.spec.services, self.job.dir)
+        self.endpoints = endpoints = deploy_all(self.spec.services, self.job.dir)
         interrupted = False
         try:
             self._start_actors(endpoints, restore, skip)

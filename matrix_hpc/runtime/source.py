@@ -20,8 +20,9 @@ from matrix_hpc.runtime.router import Directory
 class SourceActor(ActorBase):
     def __init__(self, job: Job, directory: Directory, skip: set[str], restore: list[bytes]):
         super().__init__(job, directory)
+        cls = payload_class(job)  # also puts the job's folders on sys.path, for the builder
         builder = resolve_ref(job.spec.payload.builder) if job.spec.payload.builder else None
-        self.factory = TaskFactory(job.spec, payload_class(job), builder)
+        self.factory = TaskFactory(job.spec, cls, builder)
         self.job = job
         self.skip = skip
         self.restore = deque(restore)
