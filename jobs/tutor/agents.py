@@ -1,7 +1,7 @@
 """Agents of the tutor job: the embedded LLM plays student and teacher, the sandbox checks.
 
-student --> checker --(correct, or out of turns)--> done
-               \--(wrong)--> teacher --> student
+student -> checker -> done       (correct, or out of attempts)
+           checker -> teacher -> student   (wrong)
 """
 
 import json
