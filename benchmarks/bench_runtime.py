@@ -49,7 +49,7 @@ async def hop(item, ctx):
 
 
 def make_job(root: Path, name: str, rows: int, *, median: float, sigma: float, in_flight: int,
-             replicas: int = 1) -> Path:
+             replicas: int = 1, checkpoint_s: float = 3600) -> Path:
     d = root / name
     d.mkdir()
     (d / "item.proto").write_text(PROTO)
@@ -58,7 +58,7 @@ def make_job(root: Path, name: str, rows: int, *, median: float, sigma: float, i
     roles = {f"hop{i}": {"agent": "agents:hop", "replicas": replicas, "concurrency": 20000} for i in range(HOPS)}
     spec = {"name": name, "dataset": {"path": "data.jsonl"}, "payload": {"proto": "item.proto", "type": "bench.Item"},
             "roles": roles, "first_role": "hop0",
-            "run": {"max_in_flight": in_flight, "output_dir": "out", "checkpoint_interval_s": 3600}}
+            "run": {"max_in_flight": in_flight, "output_dir": "out", "checkpoint_interval_s": checkpoint_s}}
     (d / "job.yaml").write_text(json.dumps(spec))
     return d / "job.yaml"
 
@@ -75,16 +75,17 @@ def ray_rss() -> int:
     return total
 
 
-def bench_noop(root: Path, rows: int) -> dict:
-    job = load_job(make_job(root, "noop", rows, median=0, sigma=0, in_flight=5000))
+def bench_noop(root: Path, rows: int, checkpoint_s: float = 3600) -> dict:
+    job = load_job(make_job(root, f"noop{checkpoint_s}", rows, median=0, sigma=0, in_flight=5000,
+                            checkpoint_s=checkpoint_s))
     s = run(job, progress=False)
     return {"tasks": s.done, "seconds": round(s.processing_s, 2), "hops_per_s": round(s.done * HOPS / s.processing_s),
-            "tasks_per_s": round(s.done / s.processing_s)}
+            "tasks_per_s": round(s.done / s.processing_s), "checkpoints": s.checkpoints}
 
 
 def bench_memory(root: Path, in_flight: int) -> dict:
     """Peak memory with ``in_flight`` tasks parked in agents, minus the same run with 10."""
-    peaks = {}
+    peaks, snapshot = {}, {}
     for n in (10, in_flight):
         job = load_job(make_job(root, f"mem{n}", n, median=3.0, sigma=0.0, in_flight=n))
         peak = [0]
@@ -99,6 +100,10 @@ def bench_memory(root: Path, in_flight: int) -> dict:
                     except ray.exceptions.RayActorError:
                         return
                     peak[0] = max(peak[0], ray_rss())
+                    if n == in_flight and st["in_flight"] == n and not snapshot:
+                        t0 = time.perf_counter()
+                        snapshot["tasks"] = r.checkpoint()
+                        snapshot["seconds"] = round(time.perf_counter() - t0, 3)
                     if st["exhausted"] and st["in_flight"] == 0:
                         return
                     time.sleep(0.2)
@@ -108,7 +113,7 @@ def bench_memory(root: Path, in_flight: int) -> dict:
         run(job, progress=False, on_start=watch)
         peaks[n] = peak[0]
     return {"in_flight": in_flight, "added_mib": round((peaks[in_flight] - peaks[10]) / 2**20),
-            "peak_mib": round(peaks[in_flight] / 2**20)}
+            "peak_mib": round(peaks[in_flight] / 2**20), "snapshot": snapshot}
 
 
 @ray.remote
@@ -197,8 +202,12 @@ def main() -> None:
         noop = bench_noop(root, 5000 if args.quick else 30000)
         print(f"no-op, {HOPS} hops: {noop['tasks']} tasks in {noop['seconds']}s = {noop['hops_per_s']} hops/s "
               f"({noop['tasks_per_s']} tasks/s)")
+        ckpt = bench_noop(root, 5000 if args.quick else 30000, checkpoint_s=0.5)
+        print(f"same with a checkpoint every 0.5s: {ckpt['tasks_per_s']} tasks/s, {ckpt['checkpoints']} checkpoints "
+              f"({ckpt['tasks_per_s'] / noop['tasks_per_s']:.2f}x of without)")
         mem = bench_memory(root, 2000 if args.quick else 10000)
-        print(f"{mem['in_flight']} tasks in flight: +{mem['added_mib']} MiB (peak {mem['peak_mib']} MiB for Ray)")
+        print(f"{mem['in_flight']} tasks in flight: +{mem['added_mib']} MiB (peak {mem['peak_mib']} MiB for Ray); "
+              f"checkpoint of {mem['snapshot'].get('tasks')} tasks: {mem['snapshot'].get('seconds')}s")
         tail = bench_heavy_tail(root, 200 if args.quick else 600, 50 if args.quick else 200,
                                 0.2 if args.quick else 1.0, 1.0)
         print(f"heavy tail (lognormal median {tail['median_s']}s sigma {tail['sigma']}, {HOPS} hops, "
@@ -207,7 +216,7 @@ def main() -> None:
               f"central orchestrator {tail['central_tasks_per_s']}")
         print(f"  matrix/batch = {tail['matrix_vs_batch']}x, matrix/central = {tail['matrix_vs_central']}x")
         print(f"central orchestrator with no-op agents: {tail['central_noop_hops_per_s']} hops/s")
-        print(json.dumps({"noop": noop, "memory": mem, "heavy_tail": tail}))
+        print(json.dumps({"noop": noop, "noop_checkpointing": ckpt, "memory": mem, "heavy_tail": tail}))
     ray.shutdown()
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import yaml
 from conftest import deadline
+from matrix_hpc.v1 import task_pb2
 
 from matrix_hpc import load_job, run
 from matrix_hpc.store import RunStore
-from matrix_hpc.v1 import task_pb2
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 
