@@ -134,6 +134,48 @@ def test_kill_9_of_the_whole_run_then_resume(make_job, seed):
             assert after[(tid, str(s))] == 1, (tid, s, snapshot[tid])
 
 
+def test_kill_9_of_the_driver_alone_then_resume(make_job):
+    """The driver dies, its Ray workers live on for a while (orphans still committing): the resumed
+    run, started at once, must still end with every row exactly once."""
+    rows = 200
+    path = make_job(COUNTING, ROLES, "ping", rows=rows, run={"max_in_flight": 60, "checkpoint_interval_s": 0.3})
+    job = load_job(path)
+    proc = cli("run", str(path), "--no-progress")
+    wait_for_snapshot(job.run_dir, proc, committed=1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    try:
+        resumed = cli("resume", str(job.run_dir), "--no-progress")
+        out, _ = resumed.communicate(timeout=180)
+        assert resumed.returncode == 0, out
+        check_complete(job, rows)
+    finally:
+        kill_session(proc.pid)  # the orphaned Ray of the killed driver
+
+
+def test_a_torn_last_commit_is_redone_on_resume(make_job):
+    rows = 60
+    path = make_job(COUNTING.replace("STEPS = 6", "STEPS = 1"), ROLES, "ping", rows=rows,
+                    run={"commit_interval_s": 0.2, "max_in_flight": 8})
+    job = load_job(path)
+    done = cli("run", str(path), "--no-progress")
+    assert done.wait(timeout=120) == 0, done.stdout.read()
+    records = sorted((job.run_dir / "store.zarr" / "writers").glob("*/commits/c.*"),
+                     key=lambda p: int(p.name.split(".")[1]))
+    assert len(records) > 1
+    torn = records[-1]
+    torn.write_bytes(torn.read_bytes()[: len(torn.read_bytes()) // 2])  # the last write, cut off
+    kept = len(RunStore.open(job.run_dir).committed())
+    assert kept < rows
+
+    resumed = cli("resume", str(job.run_dir), "--no-progress", "--json")
+    out, _ = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, out
+    assert json.loads(out.strip().splitlines()[-1])["done"] == rows - kept
+    got = Counter(task_pb2.Task.FromString(d).task_id for d in RunStore.open(job.run_dir).iter_results())
+    assert got == Counter({f"r{i}#0": 1 for i in range(rows)})
+
+
 def test_ctrl_c_keeps_results_and_resume_finishes(make_job):
     rows = 120
     path = make_job(COUNTING, ROLES, "ping", rows=rows, run={"max_in_flight": 40, "checkpoint_interval_s": 0.5})

@@ -67,17 +67,12 @@ def _execute(job_path: Path, run_dir: Path | None, args: argparse.Namespace) -> 
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        summary = run(job, force=args.force, progress=not args.no_progress,
-                      on_start=lambda r: _record_job(r.job))
+        summary = run(job, force=args.force, progress=not args.no_progress)
     except ResumeRefused as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _print_summary(summary, as_json=args.json)
     return 130 if summary.interrupted else 0
-
-
-def _record_job(job) -> None:
-    (job.run_dir / "job_path.txt").write_text(str(job.path) + "\n")
 
 
 def _print_summary(s, *, as_json: bool) -> None:

@@ -135,7 +135,7 @@ class _Run:
             name=f"{self.id}/source", num_cpus=0, **opts).remote(self.job, directory, skip, restore)
         self.sinks = [
             ray.remote(SinkActor).options(name=name, num_cpus=0, max_restarts=-1, **opts)
-            .remote(self.job, i, directory, f"{self.id}/source", str(self.job.run_dir), endpoints)
+            .remote(self.job, f"{self.id}-sink-{i}", directory, f"{self.id}/source", str(self.job.run_dir), endpoints)
             for i, name in enumerate(directory["done"])
         ]
         self.agents = {
@@ -159,6 +159,7 @@ class _Run:
         snap = self.store.latest_snapshot() if self.resuming else None
         restore = [m for m in (snap[0] if snap else []) if Task.FromString(m).task_id not in committed]
         skip = set(committed) | {Task.FromString(m).task_id for m in restore}
+        (self.job.run_dir / "job_path.txt").write_text(f"{self.job.path}\n")  # for `matrix-hpc resume`
         self.store.log_event("resumed" if self.resuming else "started", restored=len(restore),
                              committed=len(committed), run_id=self.id)
         t0 = time.monotonic()

@@ -20,12 +20,15 @@ log = logging.getLogger(__name__)
 
 
 class SinkActor(ActorBase):
-    def __init__(self, job: Job, index: int, directory: Directory, source: str, run_dir: str, services: dict):
+    def __init__(self, job: Job, writer_id: str, directory: Directory, source: str, run_dir: str,
+                 services: dict):
         super().__init__(job, directory)
         # Sandbox sessions belong to their task: closed once the task is committed.
         self.releasers = list(services.get("sandbox", {}).values())
         store = RunStore.open(Path(run_dir))
-        self.writer = store.writer(f"sink-{index}")
+        # One writer per sink of one driver run: a sink orphaned by a killed driver may still be
+        # committing while the resumed run's sinks start, and two processes must never share a writer.
+        self.writer = store.writer(writer_id)
         self.seen = set(store.committed())  # exactly once, across restarts and resumes
         self.source = ray.get_actor(source)
         self.interval = job.spec.run.commit_interval_s
