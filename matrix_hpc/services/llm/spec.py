@@ -7,7 +7,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from matrix_hpc.services.llm.embedded import EMBEDDED, is_built, model_dir
 from matrix_hpc.services.llm.errors import ServiceError
 
 
@@ -121,6 +120,9 @@ class LLMSpec(_Strict):
 
 
 def resolve_model(model: str, backend: str, base_dir: Path | str | None = None) -> str:
+    # imported here so that `python -m matrix_hpc.services.llm.embedded` runs without runpy's warning
+    from matrix_hpc.services.llm.embedded import EMBEDDED, is_built, model_dir
+
     if backend != "vllm":
         return model
     if "/" not in model and not model.startswith("."):
