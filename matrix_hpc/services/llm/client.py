@@ -41,19 +41,8 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.keepalive_time_ms", 30000),
 ]
-_SAMPLING_KEYS = {
-    "temperature",
-    "top_p",
-    "top_k",
-    "max_tokens",
-    "seed",
-    "n",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "min_p",
-    "logprobs",
-}
+# The scalar sampling fields of the contract (``stop`` is a list, handled apart).
+_SAMPLING_KEYS = frozenset(f.name for f in pb.Sampling.DESCRIPTOR.fields if f.name != "stop")
 _PROBE_MIN_S = 0.2
 _PROBE_MAX_S = 5.0
 

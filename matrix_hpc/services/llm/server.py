@@ -37,19 +37,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LLM"].full_name  # "matrix_hpc.ll
 ROLES = ("system", "user", "assistant", "tool")
 MAX_N = 16
 MAX_LOGPROBS = 20
-_SAMPLING_FIELDS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "max_tokens",
-    "seed",
-    "n",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "min_p",
-    "logprobs",
-)
+# The scalar sampling fields of the contract (``stop`` is a list, handled apart).
+_SAMPLING_FIELDS = tuple(f.name for f in pb.Sampling.DESCRIPTOR.fields if f.name != "stop")
 
 
 def _bad(msg: str) -> InvalidArgument:
