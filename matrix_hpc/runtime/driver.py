@@ -120,6 +120,7 @@ class _Run:
         self.recovered = self.checkpoints = 0
         self.snapshot_requested = threading.Event()
         self.processing_s = 0.0
+        self.actors: list = []  # every actor of this run, for cuts, health checks and the final kill
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -147,10 +148,8 @@ class _Run:
             ]
             for role, rs in self.spec.roles.items()
         }
-        self.incarnations = dict(zip(self._all(), ray.get([a.ping.remote() for a in self._all()]), strict=True))
-
-    def _all(self) -> list:
-        return [self.source, *self.sinks, *(a for pool in self.agents.values() for a in pool)]
+        self.actors = [self.source, *self.sinks, *(a for pool in self.agents.values() for a in pool)]
+        self.incarnations = dict(zip(self.actors, ray.get([a.ping.remote() for a in self.actors]), strict=True))
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -178,7 +177,7 @@ class _Run:
             latency, counts = self._role_stats()
             finals = ray.get([s.close.remote() for s in self.sinks])
         finally:
-            for a in self._all() if hasattr(self, "source") else []:
+            for a in self.actors:
                 ray.kill(a, no_restart=True)
             shutdown_all(endpoints)
         status = self.store.status()
@@ -237,7 +236,7 @@ class _Run:
         actor what it holds. Nothing moves between actors in between, so each in-flight task is
         seen exactly once (in an inbox, inside a step as its pre-step message, or unsent)."""
         for _ in range(10):
-            actors = self._all()
+            actors = self.actors
             try:
                 ray.get([a.pause.remote() for a in actors])
                 src, *rest = ray.get([a.collect.remote() for a in actors])
@@ -275,7 +274,7 @@ class _Run:
     def _wait_alive(self, timeout: float = 120) -> list:
         """Ping every actor until all answer (restarting ones take a moment); return the ones
         that came back as a new incarnation, having lost what they held."""
-        changed, pending = [], self._all()
+        changed, pending = [], list(self.actors)
         end = time.monotonic() + timeout
         while pending:
             refs = {a.ping.remote(): a for a in pending}
