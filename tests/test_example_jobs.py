@@ -85,3 +85,32 @@ def _export(run_dir: Path, tmp_path: Path) -> Path:
     out = tmp_path / "tutor.jsonl"
     export(run_dir, out, format="jsonl")
     return out
+
+
+def test_sandbox_sessions_of_committed_tasks_are_closed(ray_session, make_job):
+    """Each task opens a sandbox session and leaves it open; one task at a time, each sees that
+    the sessions of the tasks committed before it were closed by the runtime."""
+    agents = """
+from matrix_hpc import DONE
+
+async def open_one(item, ctx):
+    sandbox = ctx.sandbox("py")
+    item.n = sum(s.sessions for s in await sandbox.stats())  # sessions left by earlier tasks
+    session = await sandbox.open_session()
+    item.text = (await session.exec(["python3", "-c", "print(6 * 7)"])).stdout.strip()
+    return DONE
+"""
+    path = make_job(agents, {"open_one": {"agent": "agents:open_one"}}, "open_one", rows=5,
+                    run={"max_in_flight": 1, "commit_interval_s": 0.1})
+    spec = yaml.safe_load(path.read_text())
+    spec["services"] = {"sandbox": {"py": {"runtime": "bwrap", "image": "python"}}}
+    path.write_text(yaml.safe_dump(spec))
+    job = load_job(path)
+    with deadline(120):
+        summary = run(job, progress=False)
+    assert (summary.done, summary.failed) == (5, 0)
+    from test_runtime import results
+
+    got = [p for _, p in results(job)]
+    assert [p.text for p in got] == ["42"] * 5
+    assert [p.n for p in got] == [0] * 5

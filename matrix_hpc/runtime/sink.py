@@ -67,12 +67,12 @@ class SinkActor(ActorBase):
         try:
             await asyncio.to_thread(self._write, batch)
             ids = [tid for tid, *_ in batch]
-            await self.source.finished.remote(ids)
-            for endpoint in self.releasers:
+            for endpoint in self.releasers:  # before the source hears of it: a finished task holds nothing
                 try:
                     await endpoint.release(ids)
                 except Exception as e:  # noqa: BLE001 - the TTL reaper closes them later anyway
                     log.warning("could not release sandbox sessions of %d task(s): %s", len(ids), e)
+            await self.source.finished.remote(ids)
             done = sum(1 for _, _, status, _ in batch if status == DONE_STATUS)
             self.done += done
             self.failed += len(batch) - done
