@@ -76,8 +76,8 @@ def ray_rss() -> int:
 
 
 def bench_noop(root: Path, rows: int, checkpoint_s: float = 3600) -> dict:
-    job = load_job(make_job(root, "noop" if checkpoint_s >= 3600 else "noop_ckpt", rows, median=0, sigma=0, in_flight=5000,
-                            checkpoint_s=checkpoint_s))
+    name = "noop" if checkpoint_s >= 3600 else "noop_ckpt"
+    job = load_job(make_job(root, name, rows, median=0, sigma=0, in_flight=5000, checkpoint_s=checkpoint_s))
     s = run(job, progress=False)
     again = run(job, progress=False)  # a resume of the finished run: every row committed, all skipped
     return {"tasks": s.done, "seconds": round(s.processing_s, 2), "hops_per_s": round(s.done * HOPS / s.processing_s),
