@@ -8,9 +8,12 @@ when the job starts so every node can import them.
 from __future__ import annotations
 
 import importlib.resources
+import os
 import sys
+import tempfile
 from pathlib import Path
 
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_tools import protoc
 
 REPO_PROTOS = Path(__file__).resolve().parent.parent / "protos"
@@ -45,9 +48,6 @@ def compile_protos(
         args.append(f"--grpc_python_out={out_dir}")
     if descriptor_set is not None:
         args += [f"--descriptor_set_out={descriptor_set}", "--include_imports"]
-    import os
-    import tempfile
-
     # protoc writes its diagnostics to the process's fd 2; capture them for the error.
     with tempfile.TemporaryFile(mode="w+") as err:
         saved = os.dup(2)
@@ -62,6 +62,19 @@ def compile_protos(
         text = err.read().strip()
     if code != 0:
         raise ProtoCompileError(text or f"protoc exited with {code} for {', '.join(rel)}")
+
+
+def pool_from_descriptor_set(descriptor_set: bytes) -> descriptor_pool.DescriptorPool:
+    """A private pool holding the files of a descriptor set (no global registration, no imports).
+
+    Raises whatever protobuf raises for bytes that are not a FileDescriptorSet, or a file that
+    cannot be added; callers word the error for their context.
+    """
+    fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set)
+    pool = descriptor_pool.DescriptorPool()
+    for f in fds.file:  # protoc --include_imports writes dependencies first
+        pool.Add(f)
+    return pool
 
 
 def repo_proto_files() -> list[Path]:

@@ -12,7 +12,7 @@ from google.protobuf import message_factory
 from matrix_hpc.v1 import task_pb2
 
 from matrix_hpc import load_job, run
-from matrix_hpc.job.load import payload_pool
+from matrix_hpc.protogen import pool_from_descriptor_set
 from matrix_hpc.store import RunStore
 
 THREE_ROLES = """
@@ -35,7 +35,7 @@ async def c(item, ctx):
 
 def results(job) -> list[tuple[task_pb2.Task, object]]:
     """Every committed task of a run, with its payload decoded from the stored descriptor set."""
-    cls = message_factory.GetMessageClass(payload_pool(job.descriptor_set).FindMessageTypeByName(job.payload_type))
+    cls = message_factory.GetMessageClass(pool_from_descriptor_set(job.descriptor_set).FindMessageTypeByName(job.payload_type))
     out = []
     for data in RunStore.open(job.run_dir).iter_results():
         t = task_pb2.Task.FromString(data)

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf import descriptor_pb2
 from pydantic import ValidationError
 
 from matrix_hpc.job.spec import JobSpec
 from matrix_hpc.job.yamlpos import JobFileError, YamlWithLines
-from matrix_hpc.protogen import ProtoCompileError, compile_protos
+from matrix_hpc.protogen import ProtoCompileError, compile_protos, pool_from_descriptor_set
 
 __all__ = ["Job", "JobFileError", "load_job"]
 
@@ -110,17 +110,8 @@ def _compile_payload(doc: YamlWithLines, spec: JobSpec, job_dir: Path) -> tuple[
         return desc.read_bytes(), generated
 
 
-def payload_pool(descriptor_set: bytes) -> descriptor_pool.DescriptorPool:
-    """A private pool holding the payload protos (no global registration, no imports)."""
-    fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set)
-    pool = descriptor_pool.DescriptorPool()
-    for f in fds.file:
-        pool.Add(f)
-    return pool
-
-
 def _check_payload_mapping(doc: YamlWithLines, spec: JobSpec, descriptor_set: bytes) -> None:
-    pool = payload_pool(descriptor_set)
+    pool = pool_from_descriptor_set(descriptor_set)
     try:
         desc = pool.FindMessageTypeByName(spec.payload.type)
     except KeyError:

@@ -11,8 +11,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
+from google.protobuf import json_format, message_factory
 
+from matrix_hpc.protogen import pool_from_descriptor_set
 from matrix_hpc.store._durable import TMP_SUFFIX
 from matrix_hpc.store.run_store import DONE, FAILED, RunStore, StoreError
 from matrix_hpc.v1 import task_pb2
@@ -25,17 +26,10 @@ class PayloadDecoder:
     """Decodes ``google.protobuf.Any`` payloads with message classes built from a descriptor set."""
 
     def __init__(self, descriptor_set: bytes, payload_type: str):
-        fds = descriptor_pb2.FileDescriptorSet()
         try:
-            fds.ParseFromString(descriptor_set)
+            self.pool = pool_from_descriptor_set(descriptor_set)
         except Exception as e:
-            raise StoreError(f"payload.desc is not a FileDescriptorSet: {e}") from e
-        self.pool = descriptor_pool.DescriptorPool()
-        for f in fds.file:  # protoc --include_imports writes dependencies first
-            try:
-                self.pool.Add(f)
-            except Exception as e:
-                raise StoreError(f"payload.desc: cannot load {f.name}: {e}") from e
+            raise StoreError(f"payload.desc is not a loadable FileDescriptorSet: {e}") from e
         self.payload_type = payload_type
         self._classes: dict[str, type] = {}
 
