@@ -156,8 +156,9 @@ class _Run:
     def execute(self, on_start) -> RunSummary:
         committed = self.store.committed()
         snap = self.store.latest_snapshot() if self.resuming else None
-        restore = [m for m in (snap[0] if snap else []) if Task.FromString(m).task_id not in committed]
-        skip = set(committed) | {Task.FromString(m).task_id for m in restore}
+        saved = {Task.FromString(m).task_id: m for m in (snap[0] if snap else [])}
+        restore = [m for tid, m in saved.items() if tid not in committed]
+        skip = set(committed) | set(saved)
         (self.job.run_dir / "job_path.txt").write_text(f"{self.job.path}\n")  # for `matrix-hpc resume`
         self.store.log_event("resumed" if self.resuming else "started", restored=len(restore),
                              committed=len(committed), run_id=self.id)
@@ -252,12 +253,12 @@ class _Run:
                 self._wait_alive()
         else:
             raise RuntimeError("could not take a consistent snapshot: actors keep dying")
-        held: dict[str, bytes] = {}
+        held: dict[str, tuple[int, bytes]] = {}  # task id -> (step, message): the furthest copy wins
         for data in [*src["pending"], *(d for part in rest for d in part)]:
             t = Task.FromString(data)
-            if t.task_id not in held or Task.FromString(held[t.task_id]).step < t.step:
-                held[t.task_id] = data
-        return src["outstanding"], held
+            if t.task_id not in held or held[t.task_id][0] < t.step:
+                held[t.task_id] = (t.step, data)
+        return src["outstanding"], {tid: data for tid, (_, data) in held.items()}
 
     def checkpoint(self) -> int:
         """Snapshot every task in flight into the store; return how many."""

@@ -32,10 +32,12 @@ class SourceActor(ActorBase):
         self.exhausted = False
         self.emitted = self.skipped = self.finished_count = 0
 
-    def _tasks(self) -> Iterator[tuple[str, bytes]]:
+    def _tasks(self) -> Iterator[tuple[str, str, bytes]]:
+        """(task id, next role, message) of every task still to send: restored ones first."""
         while self.restore:
             data = self.restore.popleft()
-            yield Task.FromString(data).task_id, data
+            task = Task.FromString(data)
+            yield task.task_id, task.next_role, data
         trials = self.job.spec.dataset.trials
         for index, row in iter_rows(self.job.dataset_path, self.job.spec.dataset.limit):
             rid = self.factory.row_id(index, row)
@@ -44,7 +46,7 @@ class SourceActor(ActorBase):
                     self.skipped += 1
                     continue
                 task = self.factory.new(index, row, trial)
-                yield task.task_id, task.SerializeToString()
+                yield task.task_id, task.next_role, task.SerializeToString()
 
     async def start(self) -> None:
         self._pump()
@@ -55,10 +57,10 @@ class SourceActor(ActorBase):
             if item is None:
                 self.exhausted = True
                 return
-            tid, data = item
+            tid, role, data = item
             self.known[tid] = data
             self.emitted += 1
-            self.router.route(Task.FromString(data).next_role, data)
+            self.router.route(role, data)
 
     async def finished(self, ids: list[str]) -> None:
         """Sinks report tasks committed durably: they no longer count as in flight."""
