@@ -104,16 +104,6 @@ class Router:
         """Messages queued but not sent (call while paused for a consistent view)."""
         return [data for batch in self._outbox.values() for data in batch]
 
-    async def drain(self) -> None:
-        """Wait until everything queued has been sent."""
-        while self._outbox or self._sending:
-            if self._sending:
-                await asyncio.gather(*list(self._sending.values()), return_exceptions=True)
-            elif not self._paused:
-                self.resume()
-            else:
-                return
-
 
 async def resolve(items: list) -> list[bytes]:
     """Fetch messages that travelled by object reference (large payloads)."""
