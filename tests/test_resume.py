@@ -57,6 +57,14 @@ def cli(*args: str, **kw) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
+def resume_ok(run_dir: Path, timeout: float = 180) -> dict:
+    """`matrix-hpc resume RUN_DIR` must succeed; return its JSON summary."""
+    resumed = cli("resume", str(run_dir), "--no-progress", "--json")
+    out, _ = resumed.communicate(timeout=timeout)
+    assert resumed.returncode == 0, out
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def kill_session(sid: int) -> None:
     """SIGKILL every process of the run's session: the driver, Ray's daemons and its workers
     (which Ray puts in process groups of their own), as a node failure or scancel would."""
@@ -115,10 +123,7 @@ def test_kill_9_of_the_whole_run_then_resume(make_job, seed):
     before = calls(path.parent)
     assert len(committed) < rows, "the run finished before it was killed; nothing to resume"
 
-    resumed = cli("resume", str(job.run_dir), "--no-progress", "--json")
-    out, _ = resumed.communicate(timeout=180)
-    assert resumed.returncode == 0, out
-    summary = json.loads(out.strip().splitlines()[-1])
+    summary = resume_ok(job.run_dir)
     check_complete(job, rows)
     assert summary["done"] == rows - len(committed)
 
@@ -145,9 +150,7 @@ def test_kill_9_of_the_driver_alone_then_resume(make_job):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     try:
-        resumed = cli("resume", str(job.run_dir), "--no-progress")
-        out, _ = resumed.communicate(timeout=180)
-        assert resumed.returncode == 0, out
+        resume_ok(job.run_dir)
         check_complete(job, rows)
     finally:
         kill_session(proc.pid)  # the orphaned Ray of the killed driver
@@ -168,10 +171,7 @@ def test_a_torn_last_commit_is_redone_on_resume(make_job):
     kept = len(RunStore.open(job.run_dir).committed())
     assert kept < rows
 
-    resumed = cli("resume", str(job.run_dir), "--no-progress", "--json")
-    out, _ = resumed.communicate(timeout=120)
-    assert resumed.returncode == 0, out
-    assert json.loads(out.strip().splitlines()[-1])["done"] == rows - kept
+    assert resume_ok(job.run_dir, timeout=120)["done"] == rows - kept
     got = Counter(task_pb2.Task.FromString(d).task_id for d in RunStore.open(job.run_dir).iter_results())
     assert got == Counter({f"r{i}#0": 1 for i in range(rows)})
 
@@ -189,9 +189,7 @@ def test_ctrl_c_keeps_results_and_resume_finishes(make_job):
     kept = len(RunStore.open(job.run_dir).committed())
     assert 0 < kept < rows
 
-    resumed = cli("resume", str(job.run_dir), "--no-progress")
-    out, _ = resumed.communicate(timeout=180)
-    assert resumed.returncode == 0, out
+    resume_ok(job.run_dir)
     check_complete(job, rows)
 
 
