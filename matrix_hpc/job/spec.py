@@ -95,6 +95,24 @@ class RunSpec(_Strict):
     large_payload_bytes: int = Field(256 * 1024, ge=1024, description="larger messages go by object reference")
 
 
+class SlurmSpec(_Strict):
+    """Where ``matrix-hpc submit`` runs the job; maps onto submitit's Slurm parameters."""
+
+    nodes: int = Field(1, ge=1, description="nodes of the allocation (Ray head on the first, workers on the rest)")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per node (--gpus-per-node)")
+    cpus_per_node: int | None = Field(None, ge=1, description="CPUs per node (--cpus-per-task, one task a node)")
+    mem_gb: float | None = Field(None, gt=0, description="memory per node in GB (--mem)")
+    time_min: int = Field(60, ge=1, description="time limit in minutes (--time)")
+    partition: str | None = Field(None, description="--partition")
+    account: str | None = Field(None, description="--account")
+    qos: str | None = Field(None, description="--qos")
+    constraint: str | None = Field(None, description="--constraint")
+    exclusive: bool = Field(False, description="--exclusive")
+    signal_delay_s: int = Field(120, ge=10, description="USR2 this long before the time limit or a preemption")
+    max_requeues: int = Field(10, ge=0, description="requeues on preemption or time limit before giving up")
+    extra: dict[str, Any] = Field(default_factory=dict, description="other sbatch options, name -> value")
+
+
 class JobSpec(_Strict):
     name: str
     description: str = ""
@@ -106,6 +124,7 @@ class JobSpec(_Strict):
         default_factory=dict, description="kind (llm, sandbox) -> service name -> its settings"
     )
     run: RunSpec = Field(default_factory=RunSpec)
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec, description="used by `matrix-hpc submit`")
 
     @field_validator("name")
     @classmethod

@@ -1,0 +1,73 @@
+"""Fixtures shared by every test folder: an ordinary (unprivileged) user to run matrix-hpc as.
+
+Cluster users are not root. Tests that check a code path as an ordinary user run it through
+``as_user`` (``runuser``), in folders that belong to that user (``user_dir``). When the suite
+runs as root, the user is created once (``useradd``); otherwise the current user already is one.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+TEST_USER = "mhpc-tester"
+REPO = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    uid: int
+    gid: int
+    home: Path
+
+    def command(self, argv: list[str], env: dict[str, str] | None = None) -> list[str]:
+        """``argv`` run as this user with a clean environment plus ``env`` (as-is when we are this user)."""
+        base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.home), "USER": self.name,
+                "LANG": "C.UTF-8", "RAY_USAGE_STATS_ENABLED": "0",
+                "MATRIX_HPC_CACHE": os.environ.get("MATRIX_HPC_CACHE", str(REPO / ".cache"))}
+        if os.environ.get("PYTHONPATH"):  # a checkout other than the venv's editable one
+            base["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        pairs = [f"{k}={v}" for k, v in {**base, **(env or {})}.items()]
+        if os.geteuid() == self.uid:
+            return ["env", *pairs, *argv]
+        return ["runuser", "-u", self.name, "--", "env", "-i", *pairs, *argv]
+
+    def run(self, argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 300,
+            cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
+        return subprocess.run(self.command(argv, env), cwd=cwd, timeout=timeout, check=check,
+                              capture_output=True, text=True)
+
+
+def _ensure_user() -> User:
+    if os.geteuid() != 0:
+        pw = pwd.getpwuid(os.geteuid())
+        return User(pw.pw_name, pw.pw_uid, pw.pw_gid, Path(pw.pw_dir))
+    try:
+        pw = pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", TEST_USER], check=True)
+        pw = pwd.getpwnam(TEST_USER)
+    return User(pw.pw_name, pw.pw_uid, pw.pw_gid, Path(pw.pw_dir))
+
+
+@pytest.fixture(scope="session")
+def unprivileged_user() -> User:
+    """An ordinary user (no root, no capabilities) that can read this checkout and its venv."""
+    return _ensure_user()
+
+
+@pytest.fixture
+def user_dir(unprivileged_user: User):
+    """A fresh folder owned by the unprivileged user (pytest's tmp_path is root-only)."""
+    d = Path(tempfile.mkdtemp(prefix="mhpc-user-", dir=os.environ.get("MATRIX_HPC_TEST_TMP", "/tmp")))
+    os.chown(d, unprivileged_user.uid, unprivileged_user.gid)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
