@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from matrix_hpc.store import DONE, FAILED, RunStore, StoreError
-from matrix_hpc.store import run_store as rs
+from matrix_hpc.store import DONE, FAILED, RunStore, StoreError, chunks, layout
 
 CTX = mp.get_context("spawn")  # zarr runs an event-loop thread: never fork a process that used it
 
@@ -83,7 +82,7 @@ def _child_snapshot_killed(run_dir, conn):
         conn.send("arrays written, not marked complete")
         conn.recv()
 
-    store._before_snapshot_commit = hook
+    store.snapshots.before_commit = hook
     store.write_snapshot([b"b1", b"b2", b"b3"], meta={"name": "B"})
 
 
@@ -256,7 +255,7 @@ def test_torn_chunks_and_records_are_ignored(tmp_path):
     assert fresh.status()["torn_segments"] == 3  # the dropped record leaves nothing to count
     # a writer reopened over this mess appends after everything on disk
     w = fresh.writer("t")
-    assert w._next_seq == 5 and w._heap_pos == 5 * rs.HEAP_CHUNK
+    assert w._next_seq == 5 and w._heap_pos == 5 * layout.HEAP_CHUNK
     _append(w, "t", 100, 500)
     w.flush()
     assert fresh.committed() == _expected("t", 0, 500)
@@ -275,7 +274,7 @@ def test_snapshot_round_trip_and_retention(tmp_path):
     for i in range(4):
         store.write_snapshot([b"x" * i], meta={"i": i})
     snaps = sorted(p.name for p in (tmp_path / "run" / "store.zarr" / "snapshots").iterdir() if p.is_dir())
-    assert len(snaps) == rs.SNAPSHOTS_KEPT
+    assert len(snaps) == layout.SNAPSHOTS_KEPT
     assert store.latest_snapshot()[1]["i"] == 3
     # a torn chunk in the newest snapshot: the one before it is the latest
     newest = tmp_path / "run" / "store.zarr" / "snapshots" / snaps[-1] / "heap" / "c.0"
@@ -346,7 +345,7 @@ def test_record_must_match_its_rows(tmp_path):
         w.flush()
     commits = zarr.open_array(run / "store.zarr" / "writers" / "c" / "commits", mode="r+")
     rec = commits[1]
-    rec[rs.R_ROWS_CRC] ^= 1
+    rec[layout.R_ROWS_CRC] ^= 1
     commits[1] = rec
     assert RunStore.open(run).committed() == _expected("c", 0, 10)
 
@@ -357,18 +356,18 @@ def test_direct_chunk_decoding_matches_zarr(tmp_path):
     for f in range(3):
         _append(w, "z", f * 50, (f + 1) * 50)
         w.flush()
-    v = store._view("z")
+    v = store._segments.view("z")
     for name in ("commits", "index", "ids"):
         arr = getattr(v, name)
-        assert rs._fast_readable(arr)
-        fast = rs._read_chunks(arr, [0, 1, 2], v.folder / name)
-        slow = rs._read_chunks(arr, [0, 1, 2])  # through zarr
+        assert chunks.fast_readable(arr)
+        fast = chunks.read_chunks(arr, [0, 1, 2], v.folder / name)
+        slow = chunks.read_chunks(arr, [0, 1, 2])  # through zarr
         for s in range(3):
             assert (fast[s] == slow[s]).all()
     (v.folder / "index" / "c.1.0").write_bytes(b"torn")
-    assert rs._read_chunks(v.index, [0, 1, 2], v.folder / "index")[1] is None
-    assert rs._read_chunks(v.index, [0, 1, 2])[1] is None
-    assert rs._read_chunks(v.index, [0, 1, 2])[2] is not None
+    assert chunks.read_chunks(v.index, [0, 1, 2], v.folder / "index")[1] is None
+    assert chunks.read_chunks(v.index, [0, 1, 2])[1] is None
+    assert chunks.read_chunks(v.index, [0, 1, 2])[2] is not None
 
 
 def test_set_total_tasks_and_flush_from_an_event_loop(tmp_path):
