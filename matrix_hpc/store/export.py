@@ -15,11 +15,11 @@ from google.protobuf import json_format, message_factory
 
 from matrix_hpc.protogen import pool_from_descriptor_set
 from matrix_hpc.store._durable import TMP_SUFFIX
+from matrix_hpc.store.parquet import export_row, export_schema, write_parquet
 from matrix_hpc.store.run_store import DONE, FAILED, RunStore, StoreError
 from matrix_hpc.v1 import task_pb2
 
 FORMATS = ("jsonl", "parquet")
-META_FIELDS = ("task_id", "row_id", "row_index", "trial")
 
 
 class PayloadDecoder:
@@ -48,20 +48,25 @@ class PayloadDecoder:
             msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True,
             descriptor_pool=self.pool, unquote_int64_if_possible=True)
 
-    def payload_dict(self, task: task_pb2.Task) -> dict:
+    def payload(self, task: task_pb2.Task):
+        """The task's payload message (an empty one of the run's type if the task has none)."""
         if not task.HasField("payload"):
-            return {}
+            return self.message_class(self.payload_type)()
         type_name = task.payload.type_url.rsplit("/", 1)[-1] or self.payload_type
         msg = self.message_class(type_name)()
         msg.ParseFromString(task.payload.value)
-        return self.to_dict(msg)
+        return msg
 
 
-def _rows(store: RunStore, failed: bool) -> Iterator[dict]:
-    dec = PayloadDecoder(store.descriptor_set, store.payload_type)
+def _tasks(store: RunStore, dec: PayloadDecoder, failed: bool) -> Iterator[tuple[task_pb2.Task, object]]:
     for raw in store.iter_results(status=FAILED if failed else DONE):
         task = task_pb2.Task.FromString(raw)
-        row = dec.payload_dict(task)
+        yield task, dec.payload(task)
+
+
+def _json_rows(store: RunStore, dec: PayloadDecoder, failed: bool) -> Iterator[dict]:
+    for task, payload in _tasks(store, dec, failed):
+        row = dec.to_dict(payload)
         meta = {"task_id": task.task_id, "row_id": task.row_id, "row_index": task.row_index,
                 "trial": task.trial}
         if failed:
@@ -96,45 +101,17 @@ def export(run_dir: Path, out: Path, *, format: str = "jsonl", failed: bool = Fa
 
 def _write_jsonl(store: RunStore, failed: bool, path: Path) -> int:
     n = 0
+    dec = PayloadDecoder(store.descriptor_set, store.payload_type)
     with open(path, "w", encoding="utf-8") as f:
-        for row in _rows(store, failed):
+        for row in _json_rows(store, dec, failed):
             f.write(json.dumps(row, ensure_ascii=False))
             f.write("\n")
             n += 1
     return n
 
 
-def _write_parquet(store: RunStore, failed: bool, path: Path, batch: int = 5000) -> int:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    def batches():
-        buf = []
-        for row in _rows(store, failed):
-            buf.append(row)
-            if len(buf) == batch:
-                yield buf
-                buf = []
-        if buf:
-            yield buf
-
-    def table(rows, schema=None):
-        # columns over the union of keys: an unset message field is absent from some rows
-        keys = dict.fromkeys(k for r in rows for k in r)
-        if schema is not None:
-            keys = dict.fromkeys(schema.names)
-        cols = {k: [r.get(k) for r in rows] for k in keys}
-        return pa.Table.from_pydict(cols, schema=schema)
-
-    # Pass 1: one schema for all rows (a message field unset in early rows, an empty list...).
-    schemas = [table(b).schema for b in batches()]
-    if not schemas:
-        pq.write_table(pa.table({k: pa.array([], pa.string()) for k in META_FIELDS}), path)
-        return 0
-    schema = pa.unify_schemas(schemas, promote_options="permissive")
-    n = 0
-    with pq.ParquetWriter(path, schema) as w:
-        for b in batches():
-            w.write_table(table(b, schema))
-            n += len(b)
-    return n
+def _write_parquet(store: RunStore, failed: bool, path: Path) -> int:
+    dec = PayloadDecoder(store.descriptor_set, store.payload_type)
+    schema = export_schema(dec.message_class(store.payload_type).DESCRIPTOR, failed=failed)
+    rows = (export_row(task, payload, failed=failed) for task, payload in _tasks(store, dec, failed))
+    return write_parquet(path, schema, rows)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+from datetime import UTC, datetime
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -114,12 +116,56 @@ def test_export_parquet(run, tmp_path):
     assert rows["row5#0"]["score"] == {"value": 2.5, "judge": "j"}
     assert rows["row0#0"]["score"] is None and rows["row1#0"]["turns"] == ["t0"]
     assert rows["row5#0"]["tokens"] == 10**12 + 5
-    assert rows["row0#0"]["tags"] == {"lang": "en"} and rows["row5#0"]["tags"] == {"lang": None}
+    assert rows["row0#0"]["tags"] == [{"key": "lang", "value": "en"}] and rows["row5#0"]["tags"] == []
+    assert rows["row5#0"]["verdict"] == "VERDICT_OK" and rows["row5#0"]["trial"] == "p5"
+    assert rows["row5#0"]["matrix_trial"] == 0 and rows["row5#0"]["row_index"] == 5
+    assert rows["row5#0"]["finished"] == datetime.fromtimestamp(1_700_000_005, UTC)
     jl = [json.loads(x) for x in (tmp_path / "x.jsonl").read_text().splitlines()] if export(
         run, tmp_path / "x.jsonl") else []
     assert sorted(r["task_id"] for r in jl) == sorted(rows)
     with pytest.raises(StoreError, match="unknown export format"):
         export(run, tmp_path / "o.csv", format="csv")
+
+
+EXPECTED_SCHEMA = pa.schema([
+    ("question", pa.string()), ("turns", pa.list_(pa.string())), ("tokens", pa.int64()),
+    ("score", pa.struct([("value", pa.float64()), ("judge", pa.string())])),
+    ("tags", pa.list_(pa.struct([pa.field("key", pa.string(), nullable=False), ("value", pa.string())]))),
+    ("verdict", pa.string()), ("finished", pa.timestamp("us", tz="UTC")), ("trial", pa.string()),
+    pa.field("task_id", pa.string(), nullable=False), pa.field("row_id", pa.string(), nullable=False),
+    pa.field("row_index", pa.uint64(), nullable=False), pa.field("matrix_trial", pa.uint32(), nullable=False),
+])
+
+
+def test_parquet_schema_comes_from_the_proto(run, compiled, tmp_path):
+    """Same columns, order and types for a full export, an empty one and a second export."""
+    export(run, tmp_path / "a.parquet", format="parquet")
+    export(run, tmp_path / "b.parquet", format="parquet")
+    mod, desc = compiled
+    empty = RunStore.create(tmp_path / "empty", job_yaml="name: e\n", descriptor_set=desc,
+                            payload_type="storetest.v1.Sample", fingerprint={}, total_tasks=0)
+    assert export(empty.run_dir, tmp_path / "e.parquet", format="parquet") == 0
+    schemas = [pq.read_schema(tmp_path / f"{n}.parquet").remove_metadata() for n in "abe"]
+    assert schemas[0].equals(EXPECTED_SCHEMA), schemas[0]
+    assert schemas[1].equals(EXPECTED_SCHEMA) and schemas[2].equals(EXPECTED_SCHEMA)
+    assert pq.read_table(tmp_path / "e.parquet").num_rows == 0
+
+    export(run, tmp_path / "f.parquet", format="parquet", failed=True)
+    failed = pq.read_schema(tmp_path / "f.parquet")
+    assert failed.names == [*EXPECTED_SCHEMA.names, "error"]
+    assert failed.field("error").type == pa.struct([("role", pa.string()), ("message", pa.string()),
+                                                    ("traceback", pa.string()), ("step", pa.uint32()),
+                                                    ("attempts", pa.uint32())])
+
+
+def test_parquet_loads_in_hugging_face_datasets_without_a_cast(run, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    export(run, tmp_path / "out.parquet", format="parquet")
+    ds = datasets.Dataset.from_parquet(str(tmp_path / "out.parquet"), cache_dir=str(tmp_path / "hf"))
+    assert ds.num_rows == 45 and ds.column_names == EXPECTED_SCHEMA.names
+    assert ds.features["tokens"].dtype == "int64" and ds.features["matrix_trial"].dtype == "uint32"
+    row = ds.filter(lambda r: r["task_id"] == "row5#0")[0]
+    assert row["score"] == {"value": 2.5, "judge": "j"} and row["tokens"] == 10**12 + 5
 
 
 def test_cli_export_and_status(run, tmp_path, capsys):
