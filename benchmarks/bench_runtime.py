@@ -123,8 +123,8 @@ class StepActor:
     """The baselines' agents: the same agent code, called once per step."""
 
     def __init__(self, job):
+        from matrix_hpc.job.agents import resolve_agent
         from matrix_hpc.runtime.agent_actor import payload_class
-        from matrix_hpc.runtime.context import resolve_agent
 
         self.cls = payload_class(job)
         self.fn = resolve_agent(job.spec.roles["hop0"].agent)

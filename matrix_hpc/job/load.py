@@ -7,7 +7,6 @@ reported with the job file, the line and the field (``JobFileError``).
 from __future__ import annotations
 
 import hashlib
-import importlib
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -17,9 +16,11 @@ from typing import Any
 from google.protobuf import descriptor_pb2
 from pydantic import ValidationError
 
+from matrix_hpc.job.agents import resolve_agent, resolve_ref
 from matrix_hpc.job.spec import JobSpec
 from matrix_hpc.job.yamlpos import JobFileError, YamlWithLines
 from matrix_hpc.protogen import ProtoCompileError, compile_protos, pool_from_descriptor_set
+from matrix_hpc.services import spec_class
 
 __all__ = ["Job", "JobFileError", "load_job"]
 
@@ -135,8 +136,6 @@ def _check_payload_mapping(doc: YamlWithLines, spec: JobSpec, descriptor_set: by
 
 
 def _check_services(doc: YamlWithLines, spec: JobSpec) -> None:
-    from matrix_hpc.runtime.services import spec_class
-
     for kind, entries in spec.services.items():
         cls = spec_class(kind)
         for name, settings in (entries or {}).items():
@@ -148,8 +147,6 @@ def _check_services(doc: YamlWithLines, spec: JobSpec) -> None:
 
 
 def _check_agents(doc: YamlWithLines, job: Job) -> None:
-    from matrix_hpc.runtime.context import resolve_agent
-
     with job_imports(job):
         for role, rs in job.spec.roles.items():
             try:
@@ -166,11 +163,6 @@ def _check_agents(doc: YamlWithLines, job: Job) -> None:
                     f"{doc.where(('payload', 'builder'))}: cannot load {job.spec.payload.builder!r}: "
                     f"{type(e).__name__}: {e}"
                 ) from None
-
-
-def resolve_ref(ref: str) -> Any:
-    module, name = ref.split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 class job_imports:

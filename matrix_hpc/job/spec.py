@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+DONE = "done"  # the role that ends a task: the agent returning it sends the task to be committed
+
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 _IMPORT_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -139,7 +141,7 @@ class JobSpec(_Strict):
         if not v:
             raise ValueError("a job needs at least one role")
         for role in v:
-            if not _NAME.match(role) or role == "done":
+            if not _NAME.match(role) or role == DONE:
                 raise ValueError(f"{role!r} cannot be a role name")
         return v
 

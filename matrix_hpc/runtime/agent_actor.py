@@ -16,9 +16,10 @@ from collections import deque
 
 from google.protobuf import descriptor_pool, message_factory
 
-from matrix_hpc import DONE
+from matrix_hpc.job.agents import resolve_agent
 from matrix_hpc.job.load import Job
-from matrix_hpc.runtime.context import Context, resolve_agent
+from matrix_hpc.job.spec import DONE
+from matrix_hpc.runtime.context import Context
 from matrix_hpc.runtime.message import DONE_STATUS, Task, set_error
 from matrix_hpc.runtime.router import Directory, Router, resolve
 

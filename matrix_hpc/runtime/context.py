@@ -11,11 +11,12 @@ import logging
 import random
 from typing import Any
 
-from matrix_hpc.job.load import resolve_ref
-
 
 class Agent:
-    """Base for stateful agents: one instance per actor, ``setup()`` once, ``step()`` per message."""
+    """Base for stateful agents: one instance per actor, ``setup()`` once, ``step()`` per message.
+
+    The runtime finds agents by their ``step`` method (``matrix_hpc.job.agents.resolve_agent``).
+    """
 
     def setup(self) -> None:
         """Load what the agent keeps between steps (a classifier, a tokenizer, ...)."""
@@ -67,25 +68,3 @@ class Context:
         except KeyError:
             known = ", ".join(self._services.get(kind, {})) or "none"
             raise KeyError(f"no {kind} service named {name!r} in this job (declared: {known})") from None
-
-
-def resolve_agent(ref: str, *, instantiate: bool = True):
-    """Import ``module:name``; return a step callable ``(payload, ctx) -> str | awaitable``.
-
-    With ``instantiate=False`` only check that it can be imported and has the right shape
-    (the driver does this before a run; ``setup()`` runs in the actors).
-    """
-    obj = resolve_ref(ref)
-    if isinstance(obj, type):
-        if not (issubclass(obj, Agent) or hasattr(obj, "step")):
-            raise TypeError(f"class {obj.__name__} has no step(payload, ctx) method")
-        if not instantiate:
-            return obj
-        instance = obj()
-        setup = getattr(instance, "setup", None)
-        if setup:
-            setup()
-        return instance.step
-    if not callable(obj):
-        raise TypeError(f"{ref} is not a function or an Agent class")
-    return obj

@@ -9,8 +9,8 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from matrix_hpc import DONE
 from matrix_hpc.job.dataset import RowError
+from matrix_hpc.job.spec import DONE
 from matrix_hpc.v1 import task_pb2
 
 Task = task_pb2.Task

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 
+from matrix_hpc.job.agents import resolve_ref
 from matrix_hpc.job.dataset import iter_rows
-from matrix_hpc.job.load import Job, resolve_ref
+from matrix_hpc.job.load import Job
 from matrix_hpc.runtime.agent_actor import ActorBase, payload_class
 from matrix_hpc.runtime.message import Task, TaskFactory, task_id
 from matrix_hpc.runtime.router import Directory

@@ -155,7 +155,7 @@ class RunStore:
 
     # ---- results ------------------------------------------------------------------------------
     def writer(self, writer_id: str, *, fsync: bool = True) -> ResultWriter:
-        return ResultWriter(self, writer_id, fsync=fsync)
+        return ResultWriter(self.store_path, writer_id, fsync=fsync)
 
     def committed(self) -> dict[str, int]:
         """task_id -> TASK_STATUS_DONE / TASK_STATUS_FAILED for every committed row, all writers."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import socket
 import time
 import zlib
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -58,9 +58,6 @@ from matrix_hpc.store.layout import (
     now_iso,
 )
 
-if TYPE_CHECKING:
-    from matrix_hpc.store.run_store import RunStore
-
 
 class ResultWriter:
     """Commits finished tasks of one sink into ``writers/<writer_id>/``; no other process writes there.
@@ -70,13 +67,12 @@ class ResultWriter:
     after the highest chunk on disk, so nothing written before (torn or not) is overwritten.
     """
 
-    def __init__(self, run_store: RunStore, writer_id: str, *, fsync: bool = True):
+    def __init__(self, store_path: Path, writer_id: str, *, fsync: bool = True):
         if not WRITER_ID.match(writer_id or ""):
             raise StoreError(f"writer id {writer_id!r}: use letters, digits, '_', '-', '.' (max 128)")
-        self.run_store = run_store
         self.writer_id = writer_id
-        self.folder = run_store.store_path / "writers" / writer_id
-        self._zs = DurableLocalStore(run_store.store_path, fsync=fsync)
+        self.folder = store_path / "writers" / writer_id
+        self._zs = DurableLocalStore(store_path, fsync=fsync)
         root = zarr.open_group(self._zs, mode="r+")
         base = f"writers/{writer_id}"
         if not (self.folder / "zarr.json").exists():

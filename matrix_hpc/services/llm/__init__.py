@@ -7,7 +7,9 @@ Driver: ``endpoint = deploy(name, LLMSpec(...), base_dir=job_dir)`` after ``ray.
 
 from __future__ import annotations
 
-from matrix_hpc.services.llm.deploy import LLMEndpoint, LLMReplica, ReplicaRef, deploy
+from matrix_hpc.services.llm.client import LLMClient
+from matrix_hpc.services.llm.deploy import LLMReplica, deploy
+from matrix_hpc.services.llm.endpoint import LLMEndpoint, ReplicaRef
 from matrix_hpc.services.llm.errors import InvalidRequest, ServiceError
 from matrix_hpc.services.llm.results import (
     ChatChunk,
@@ -21,14 +23,6 @@ from matrix_hpc.services.llm.results import (
 from matrix_hpc.services.llm.spec import LatencySpec, LLMSpec, SamplingDefaults, ScriptedSpec
 
 Endpoint = LLMEndpoint
-
-
-def __getattr__(name: str):
-    if name == "LLMClient":
-        from matrix_hpc.services.llm.client import LLMClient
-
-        return LLMClient
-    raise AttributeError(name)
 
 
 __all__ = [

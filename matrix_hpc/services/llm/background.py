@@ -11,7 +11,7 @@ import asyncio
 import threading
 from pathlib import Path
 
-from matrix_hpc.services.llm.deploy import LLMEndpoint
+from matrix_hpc.services.llm.endpoint import LLMEndpoint
 from matrix_hpc.services.llm.server import LLMServer, serve
 from matrix_hpc.services.llm.spec import LLMSpec
 

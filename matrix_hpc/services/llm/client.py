@@ -18,7 +18,7 @@ import random
 import time
 import weakref
 from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,9 +27,17 @@ from matrix_hpc.llm.v1 import llm_pb2 as pb
 from matrix_hpc.llm.v1 import llm_pb2_grpc as pb_grpc
 from matrix_hpc.services.llm.errors import InvalidRequest, ServiceError
 from matrix_hpc.services.llm.results import ChatChunk, ChatResult, ToolCall, chunk_from_pb, result_from_pb
+from matrix_hpc.services.llm.spec import LLMSpec
 
-if TYPE_CHECKING:
-    from matrix_hpc.services.llm.deploy import LLMEndpoint
+
+class LLMEndpoint(Protocol):
+    """What a client needs of an endpoint (``matrix_hpc.services.llm.endpoint.LLMEndpoint``)."""
+
+    name: str
+    spec: LLMSpec
+    replicas: list
+    namespace: str | None
+    uid: str
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _CHANNEL_OPTIONS = [

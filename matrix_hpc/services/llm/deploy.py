@@ -1,4 +1,4 @@
-"""Replicas as Ray actors, and the picklable ``LLMEndpoint`` agents receive.
+"""Replicas as Ray actors; ``deploy`` returns the picklable ``LLMEndpoint`` agents receive.
 
 ``deploy(name, spec, base_dir=...)`` starts ``spec.replicas`` actors (``LLMReplica``), each hosting a
 grpc.aio server with the backend inside the actor's event loop, bound to the node's IP (127.0.0.1
@@ -14,84 +14,14 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from matrix_hpc.services.llm.endpoint import LLMEndpoint, ReplicaRef, keep_handles
 from matrix_hpc.services.llm.errors import ServiceError
 from matrix_hpc.services.llm.spec import LLMSpec
 
 log = logging.getLogger("matrix_hpc.llm")
-
-# Ray kills a (non-detached) actor once no handle to it is left, names notwithstanding: the
-# driver keeps the handles of the replicas it deployed here until ``shutdown()``.
-_HANDLES: dict[str, list[Any]] = {}
-
-
-@dataclass(frozen=True)
-class ReplicaRef:
-    address: str  # host:port of its gRPC server
-    actor_name: str | None = None  # Ray actor name (None for servers not started by deploy)
-
-
-@dataclass
-class LLMEndpoint:
-    """Where an LLM service is; picklable, sent to every agent. ``client(key)`` to call it."""
-
-    name: str
-    spec: LLMSpec
-    replicas: list[ReplicaRef]
-    namespace: str | None = None
-    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-    @classmethod
-    def from_addresses(
-        cls,
-        addresses: list[str],
-        *,
-        name: str = "llm",
-        spec: LLMSpec | None = None,
-    ) -> LLMEndpoint:
-        """An endpoint for servers started elsewhere (``matrix-hpc serve llm``)."""
-        return cls(name=name, spec=spec or LLMSpec(backend="scripted"), replicas=[ReplicaRef(a) for a in addresses])
-
-    @property
-    def addresses(self) -> list[str]:
-        return [r.address for r in self.replicas]
-
-    def client(self, key: str | None = None):
-        """An async client; ``key`` (the task id) keeps a task's turns on one replica."""
-        from matrix_hpc.services.llm.client import LLMClient
-
-        return LLMClient(self, key)
-
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the replicas (driver only). Safe to call twice."""
-        import ray
-
-        if not ray.is_initialized():
-            return
-        handles = list(_HANDLES.get(self.uid, []))
-        if not handles:  # another process (or a copy of the endpoint): find the actors by name
-            for r in self.replicas:
-                if r.actor_name is None:
-                    continue
-                try:
-                    handles.append(ray.get_actor(r.actor_name, namespace=self.namespace))
-                except ValueError:
-                    continue  # already gone
-        refs = [h.stop.remote() for h in handles]
-        try:  # graceful first: the vLLM engine stops its own subprocesses
-            ray.wait(refs, num_returns=len(refs), timeout=timeout)
-        except Exception:  # noqa: BLE001 - a dead actor; it is killed below anyway
-            pass
-        for h in handles:
-            try:
-                ray.kill(h, no_restart=True)
-            except Exception:  # noqa: BLE001
-                pass
-        _HANDLES.pop(self.uid, None)
-
 
 class LLMReplica:
     """One replica: backend + gRPC server, started on first ``address()`` call (also after a restart)."""
@@ -204,5 +134,5 @@ def deploy(name: str, spec: LLMSpec, *, base_dir: Path | str | None = None) -> L
         namespace=namespace,
         replicas=[ReplicaRef(a, n) for a, n in zip(addresses, names, strict=True)],
     )
-    _HANDLES[endpoint.uid] = actors
+    keep_handles(endpoint.uid, actors)
     return endpoint

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from .client import RunResult, SandboxClient, Session
 from .deploy import SandboxEndpoint, deploy
-from .server import ServiceError
 from .spec import Limits, SandboxSpec
+from .wire import ServiceError
 
 Endpoint = SandboxEndpoint
 

@@ -37,8 +37,9 @@ def register_serve(sub) -> None:
 
 
 def _serve(args) -> int:
-    from .server import SandboxServer, ServiceError
+    from .server import SandboxServer
     from .spec import Limits, SandboxSpec
+    from .wire import ServiceError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:

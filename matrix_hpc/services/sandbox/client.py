@@ -20,7 +20,7 @@ import grpc
 from matrix_hpc.sandbox.v1 import sandbox_pb2 as pb
 from matrix_hpc.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 
-from .server import MAX_MESSAGE, ServiceError
+from .wire import MAX_MESSAGE, ServiceError
 
 _LIMIT_NAMES = {v: k for k, v in {
     "memory": pb.LIMIT_MEMORY, "processes": pb.LIMIT_PROCESSES, "cpu_time": pb.LIMIT_CPU_TIME,

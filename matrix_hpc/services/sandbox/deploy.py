@@ -11,8 +11,8 @@ from typing import Any
 
 from .client import SandboxClient, release
 from .image import ImageError, resolve_image
-from .server import ServiceError
 from .spec import SandboxSpec
+from .wire import ServiceError
 
 log = logging.getLogger("matrix_hpc.sandbox")
 

@@ -34,11 +34,11 @@ from .executor import Executor, Handle, Outcome
 from .image import ImageError, resolve_image
 from .runtimes import SandboxArgumentError, check_env, check_path, make_runtime
 from .spec import Limits, SandboxSpec
+from .wire import MAX_MESSAGE, ServiceError
 
 log = logging.getLogger("matrix_hpc.sandbox")
 SERVICE_NAME = "matrix_hpc.sandbox.v1.Sandbox"
 MAX_FILES = 512
-MAX_MESSAGE = 256 * 1024 * 1024
 LIMIT_ENUM = {
     "memory": pb.LIMIT_MEMORY, "processes": pb.LIMIT_PROCESSES, "cpu_time": pb.LIMIT_CPU_TIME,
     "wall_time": pb.LIMIT_WALL_TIME, "file_size": pb.LIMIT_FILE_SIZE, "disk": pb.LIMIT_DISK,
@@ -419,14 +419,3 @@ def _sweep_stale_state(root: Path) -> None:
             continue
         if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
             shutil.rmtree(d, ignore_errors=True)
-
-
-class ServiceError(RuntimeError):
-    """The sandbox service failed (could not start, unreachable, full, or refused a request).
-
-    ``code`` is the gRPC status code name when the failure came from a call (e.g. "NOT_FOUND").
-    """
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code

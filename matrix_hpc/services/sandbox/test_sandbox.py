@@ -18,7 +18,7 @@ from matrix_hpc.sandbox.v1 import sandbox_pb2 as pb
 from matrix_hpc.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 
 from .client import SandboxClient
-from .server import ServiceError
+from .wire import ServiceError
 
 SOLUTION = """
 import sys
