@@ -171,13 +171,6 @@ class _Pool:
             except TimeoutError:
                 pass
 
-    async def close(self) -> None:
-        for t in list(self._tasks):
-            t.cancel()
-        for r in self.replicas:
-            if r.channel is not None:
-                await r.channel.close()
-
 
 def _score(key: str, replica_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{key}|{replica_id}".encode(), digest_size=8).digest(), "big")
@@ -193,13 +186,6 @@ def _pool_for(endpoint: LLMEndpoint) -> _Pool:
     if pool is None:
         pool = pools[endpoint.uid] = _Pool(endpoint)
     return pool
-
-
-async def close_pools() -> None:
-    """Close this event loop's channels (optional: they also go away with the loop)."""
-    pools = _POOLS.pop(asyncio.get_running_loop(), {})
-    for p in pools.values():
-        await p.close()
 
 
 # ------------------------------------------------------------------------- request building

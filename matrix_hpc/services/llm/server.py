@@ -365,10 +365,6 @@ class LLMServer:
     def healthy(self) -> bool:
         return self.servicer._healthy and self.backend.healthy()
 
-    async def wait_closed(self) -> None:
-        if self.server is not None:
-            await self.server.wait_for_termination()
-
     async def stop(self, grace: float = 2.0) -> None:
         if self._watch is not None:
             self._watch.cancel()
