@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from matrix_hpc.llm.v1 import llm_pb2 as pb
 from matrix_hpc.llm.v1 import llm_pb2_grpc as pb_grpc
+from matrix_hpc.retry import retrying
 from matrix_hpc.services.llm.errors import InvalidRequest, ServiceError
 from matrix_hpc.services.llm.results import ChatChunk, ChatResult, ToolCall, chunk_from_pb, result_from_pb
 from matrix_hpc.services.llm.spec import LLMSpec
@@ -40,6 +41,11 @@ class LLMEndpoint(Protocol):
     uid: str
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def _transient(e: BaseException) -> bool:
+    """A gRPC failure that another replica, or a later try, may not have."""
+    return isinstance(e, grpc.aio.AioRpcError) and e.code() in RETRYABLE
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -347,31 +353,28 @@ class LLMClient:
         pool = _pool_for(self.endpoint)
         deadline = time.monotonic() + (timeout or self.timeout_s)
         avoid: set[str] = set()
-        last: grpc.aio.AioRpcError | None = None
-        for attempt in range(self.retries + 1):
-            r = await pool.acquire(self.key, avoid, deadline)
-            if r is None:
-                break
-            started = False
-            r.outstanding += 1
-            call = None
-            try:
-                call = r.stub.ChatStream(req, timeout=max(0.001, deadline - time.monotonic()))
-                async for chunk in call:
-                    started = True
-                    yield chunk_from_pb(chunk)
-                return
-            except grpc.aio.AioRpcError as e:
-                if started or e.code() not in RETRYABLE:
-                    raise _error(e, self.endpoint.name, r.address) from None
-                last = e
-                self._failed(pool, r, e, avoid)
-            finally:
-                r.outstanding -= 1
-                if call is not None and not call.done():
-                    call.cancel()  # the consumer stopped early: free the server's work
-            await self._backoff(attempt, deadline)
-        raise self._gave_up(last)
+        try:
+            async for attempt in self._retrying(deadline, "ChatStream"):
+                with attempt:
+                    r = await self._acquire(pool, avoid, deadline)
+                    started = False
+                    r.outstanding += 1
+                    call = None
+                    try:
+                        call = r.stub.ChatStream(req, timeout=max(0.001, deadline - time.monotonic()))
+                        async for chunk in call:
+                            started = True
+                            yield chunk_from_pb(chunk)
+                        return
+                    except grpc.aio.AioRpcError as e:
+                        self._failed(pool, r, e, avoid, retryable=not started)
+                        raise
+                    finally:
+                        r.outstanding -= 1
+                        if call is not None and not call.done():
+                            call.cancel()  # the consumer stopped early: free the server's work
+        except grpc.aio.AioRpcError as e:
+            raise self._gave_up(e) from None
 
     async def model_info(self, timeout: float = 10.0) -> list[dict[str, Any]]:
         """``ModelInfo`` of every replica this process sees as healthy."""
@@ -417,18 +420,27 @@ class LLMClient:
             req.structured.CopyFrom(st)
         return req
 
-    def _failed(self, pool: _Pool, r: _Replica, e: grpc.aio.AioRpcError, avoid: set[str]) -> None:
+    def _retrying(self, deadline: float, method: str):
+        return retrying(attempts=self.retries + 1, base_s=0.05, cap_s=2.0, deadline=deadline,
+                        retry_on=_transient, what=f"LLM {self.endpoint.name!r} {method}")
+
+    async def _acquire(self, pool: _Pool, avoid: set[str], deadline: float) -> _Replica:
+        r = await pool.acquire(self.key, avoid, deadline)
+        if r is None:
+            raise ServiceError(f"LLM {self.endpoint.name!r}: no healthy replica within the deadline", "UNAVAILABLE")
+        return r
+
+    def _failed(self, pool: _Pool, r: _Replica, e: grpc.aio.AioRpcError, avoid: set[str],
+                retryable: bool = True) -> None:
+        """After a failed call: a retryable failure moves on to another replica (marked down if
+        unreachable); any other failure becomes the call's ServiceError."""
+        if not retryable or e.code() not in RETRYABLE:
+            raise _error(e, self.endpoint.name, r.address) from None
         avoid.add(r.address)
         if e.code() == grpc.StatusCode.UNAVAILABLE:
             pool.mark_down(r)
 
-    async def _backoff(self, attempt: int, deadline: float) -> None:
-        delay = min(2.0, 0.05 * 2**attempt) * (0.5 + random.random())
-        await asyncio.sleep(max(0.0, min(delay, deadline - time.monotonic())))
-
-    def _gave_up(self, last: grpc.aio.AioRpcError | None) -> ServiceError:
-        if last is None:
-            return ServiceError(f"LLM {self.endpoint.name!r}: no healthy replica within the deadline", "UNAVAILABLE")
+    def _gave_up(self, last: grpc.aio.AioRpcError) -> ServiceError:
         return ServiceError(
             f"LLM {self.endpoint.name!r}: gave up after {self.retries + 1} attempts: "
             f"{last.code().name}: {last.details()}",
@@ -439,20 +451,17 @@ class LLMClient:
         pool = _pool_for(self.endpoint)
         deadline = time.monotonic() + (timeout or self.timeout_s)
         avoid: set[str] = set()
-        last: grpc.aio.AioRpcError | None = None
-        for attempt in range(self.retries + 1):
-            r = await pool.acquire(self.key, avoid, deadline)
-            if r is None:
-                break
-            r.outstanding += 1
-            try:
-                return await getattr(r.stub, method)(req, timeout=max(0.001, deadline - time.monotonic()))
-            except grpc.aio.AioRpcError as e:
-                if e.code() not in RETRYABLE:
-                    raise _error(e, self.endpoint.name, r.address) from None
-                last = e
-                self._failed(pool, r, e, avoid)
-            finally:
-                r.outstanding -= 1
-            await self._backoff(attempt, deadline)
-        raise self._gave_up(last)
+        try:
+            async for attempt in self._retrying(deadline, method):
+                with attempt:
+                    r = await self._acquire(pool, avoid, deadline)
+                    r.outstanding += 1
+                    try:
+                        return await getattr(r.stub, method)(req, timeout=max(0.001, deadline - time.monotonic()))
+                    except grpc.aio.AioRpcError as e:
+                        self._failed(pool, r, e, avoid)
+                        raise
+                    finally:
+                        r.outstanding -= 1
+        except grpc.aio.AioRpcError as e:
+            raise self._gave_up(e) from None

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from matrix_hpc.retry import retrying
 from matrix_hpc.sandbox.v1 import sandbox_pb2 as pb
 from matrix_hpc.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 
@@ -104,6 +105,11 @@ def _limits(limits: Mapping | None) -> pb.Limits | None:
     return pb.Limits(**limits) if limits else None
 
 
+def _transient(e: BaseException) -> bool:
+    """A replica full or down: another one (or the same, a little later) may take the call."""
+    return isinstance(e, grpc.aio.AioRpcError) and e.code() in _RETRYABLE
+
+
 def _error(e: grpc.aio.AioRpcError, what: str, address: str) -> ServiceError:
     return ServiceError(f"sandbox {what} failed on {address}: {e.code().name}: {e.details()}", e.code().name)
 
@@ -133,21 +139,18 @@ class SandboxClient:
         return wall + self.margin_s
 
     async def _balanced(self, method: str, request, timeout: float):
-        """Call ``method`` on one replica, moving to the next when one is full or down."""
+        """Call ``method`` on one replica, moving to the next when one is full or down; after a
+        whole round of refusals, back off and go round again (``max_rounds`` rounds at most)."""
         n = len(self.addresses)
-        last: grpc.aio.AioRpcError | None = None
-        last_addr = ""
-        for attempt in range(self.max_rounds * n):
-            if attempt and attempt % n == 0:  # every replica refused: back off, then go round again
-                await asyncio.sleep(min(0.05 * 2 ** (attempt // n), 1.0) * (0.5 + random.random()))
-            addr = self.addresses[next(self._rr) % n]
-            try:
-                return addr, await getattr(_stub(addr), method)(request, timeout=timeout)
-            except grpc.aio.AioRpcError as e:
-                if e.code() not in _RETRYABLE:
-                    raise _error(e, method, addr) from e
-                last, last_addr = e, addr
-        raise _error(last, method, last_addr) from last
+        addr = ""
+        try:
+            async for attempt in retrying(attempts=self.max_rounds * n, every=n, base_s=0.1, cap_s=1.0,
+                                          retry_on=_transient, what=f"sandbox {self.name!r} {method}"):
+                with attempt:
+                    addr = self.addresses[next(self._rr) % n]
+                    return addr, await getattr(_stub(addr), method)(request, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            raise _error(e, method, addr) from e
 
     async def run(self, command: str | list[str], *, files: Mapping[str, bytes | str] | None = None,
                   stdin: bytes | str = b"", env: Mapping[str, str] | None = None,
