@@ -3,11 +3,18 @@
 ``python -I -S _limiter.py CONFIG_JSON ARGV...``: join the sandbox's cgroups, set resource
 limits, start a new session (so the whole group can be killed), drop root to an unprivileged
 uid, then exec ARGV. Kept free of imports from matrix_hpc so it starts in a few milliseconds.
+
+With ``bwrap_info_fd`` (bwrap's side channels, see ``runtimes.Control``) it stays as bwrap's
+parent instead: it reads bwrap's report of the sandbox's first process, gives that process
+``RLIMIT_NPROC`` (``nproc``; we are the same user, which the kernel requires), passes its pid to the
+server on ``report_fd`` (nothing: the sandbox was not created) and ends as bwrap ends (same exit
+code or signal).
 """
 
 import json
 import os
 import resource
+import signal
 import sys
 import warnings  # noqa: F401 - os.exec* imports it lazily; after setuid it may be unreadable
 
@@ -15,6 +22,10 @@ import warnings  # noqa: F401 - os.exec* imports it lazily; after setuid it may 
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     argv = sys.argv[2:]
+    # Python ignores these at start-up and an exec keeps ignored signals ignored: the sandbox must
+    # get the defaults (a write past RLIMIT_FSIZE then kills with SIGXFSZ, a status we can read).
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
     pid = str(os.getpid())
     for procs in cfg.get("cgroup_procs", []):
         with open(procs, "w") as f:
@@ -28,7 +39,38 @@ def main() -> None:
         os.setgroups([])
         os.setgid(cfg["gid"])
         os.setuid(uid)
-    os.execv(argv[0], argv)
+    if cfg.get("bwrap_info_fd") is None:
+        os.execv(argv[0], argv)
+    supervise(argv, cfg["bwrap_info_fd"], cfg["report_fd"], cfg["bwrap_fds"], cfg.get("nproc"))
+
+
+def supervise(argv: list[str], info_fd: int, report_fd: int, bwrap_fds: list[int], nproc: int | None) -> None:
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(info_fd)
+            os.close(report_fd)
+            os.execv(argv[0], argv)
+        finally:
+            os._exit(127)
+    for fd in bwrap_fds:  # bwrap's ends: the info pipe must reach EOF when bwrap closes it
+        os.close(fd)
+    data = b""
+    while chunk := os.read(info_fd, 4096):
+        data += chunk
+    os.close(info_fd)
+    if data:
+        first = int(json.loads(data)["child-pid"])
+        if nproc is not None:
+            resource.prlimit(first, resource.RLIMIT_NPROC, (nproc, nproc))
+        os.write(report_fd, str(first).encode())
+    os.close(report_fd)
+    _, status = os.waitpid(child, 0)
+    if os.WIFSIGNALED(status):
+        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        os.kill(os.getpid(), os.WTERMSIG(status))
+    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128)
 
 
 if __name__ == "__main__":

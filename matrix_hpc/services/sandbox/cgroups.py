@@ -2,7 +2,7 @@
 
 A sandbox's cgroup caps the memory and the number of processes of its whole process tree, counts
 its CPU time and peak memory, and lets the server find and kill every process it left. Without
-writable cgroups the runtimes fall back to per-process rlimits (see ``executor``).
+writable cgroups the executor holds the same limits with the process-tree ``watchdog``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,15 @@ def _mounts() -> list[tuple[str, str, set[str]]]:
     return out
 
 
+def slurm_job_cgroup() -> str | None:
+    """This process's Slurm job cgroup (memory or v2 hierarchy), when it runs inside one."""
+    own = _own_cgroups()
+    for path in (own.get("memory"), own.get("")):
+        if path and "/job_" in path:
+            return path
+    return None
+
+
 @dataclass
 class CgroupRoot:
     """Where this server makes its sandboxes' cgroups: v1 {controller: dir} or one v2 dir."""
@@ -72,16 +81,9 @@ class CgroupRoot:
                 for d in v1.values():
                     _rmdir(d)
         if v2 is not None:
-            # Usable only when this cgroup delegates memory and pids to its children.
-            try:
-                sub = set((v2 / "cgroup.subtree_control").read_text().split())
-                if {"memory", "pids"} <= sub:
-                    d = v2 / tag
-                    d.mkdir(exist_ok=True)
-                    (d / "cgroup.subtree_control").write_text("+memory +pids +cpu")
-                    return cls(2, {"": d})
-            except OSError:
-                pass
+            d = _delegated_v2(v2, tag)
+            if d is not None:
+                return cls(2, {"": d})
         return None
 
     def create(self, name: str) -> Cgroup:
@@ -210,6 +212,34 @@ class Cgroup:
         for d in self.dirs.values():
             _rmdir(d)
         return emptied
+
+
+def _delegated_v2(own: Path, tag: str) -> Path | None:
+    """A parent for sandbox cgroups under this process's v2 cgroup, where memory and pids are ours.
+
+    That is the case at the root, in a systemd unit or scope with ``Delegate=yes`` (e.g. the server
+    started by ``systemd-run --user --scope -p Delegate=yes``) and in a Slurm job cgroup the site
+    delegates. v2 allows no process in a cgroup whose children use controllers, so when enabling
+    them fails this process first moves into a leaf of its own.
+    """
+    try:
+        if not {"memory", "pids"} <= set((own / "cgroup.controllers").read_text().split()):
+            return None
+        sub = own / "cgroup.subtree_control"
+        if not {"memory", "pids"} <= set(sub.read_text().split()):
+            try:
+                sub.write_text("+memory +pids")
+            except OSError:
+                leaf = own / f"{_PREFIX}-server-{os.getpid()}"
+                leaf.mkdir(exist_ok=True)
+                (leaf / "cgroup.procs").write_text(str(os.getpid()))
+                sub.write_text("+memory +pids")
+        d = own / tag
+        d.mkdir(exist_ok=True)
+        (d / "cgroup.subtree_control").write_text("+memory +pids")
+        return d
+    except OSError:
+        return None
 
 
 def _rmdir(d: Path) -> None:

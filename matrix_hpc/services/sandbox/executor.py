@@ -1,11 +1,15 @@
 """Run one sandboxed command under limits; shared by every runtime.
 
 The server process starts ``_limiter.py`` (join the cgroup, set rlimits, new session, drop root),
-which execs the runtime's argv. While it runs we stream stdout/stderr keeping at most
-``max_output_bytes`` of each (the rest is read and dropped, never buffered), watch the wall clock
-and the cgroup's CPU time, and at the end kill whatever is left: the process group, then every
-process still in the cgroup (bwrap's PID namespace dies with its init as well). Blocking code,
-run in worker threads by the server.
+which execs the runtime's argv. bwrap reports the sandbox's first process on an info pipe and waits
+on a block pipe: no report means the sandbox could not be created (a start failure, raised to the
+client, never a result); otherwise, without a cgroup, that process gets ``RLIMIT_NPROC`` (inside
+its own user namespace it counts this sandbox only) before it is let go. While it runs we stream
+stdout/stderr keeping at most ``max_output_bytes`` of each (the rest is read and dropped, never
+buffered), watch the wall clock and the tree's CPU time and memory (its cgroup, or the
+``watchdog``), and at the end kill whatever is left: the process group, the sandbox's init (its PID
+namespace dies with it), then every process still in the cgroup. Blocking code, run in worker
+threads by the server.
 """
 
 from __future__ import annotations
@@ -25,13 +29,17 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .cgroups import Cgroup, CgroupRoot
-from .runtimes import Launch, Runtime
+from . import seccomp
+from .cgroups import Cgroup, CgroupRoot, slurm_job_cgroup
+from .runtimes import Control, Launch, Runtime
 from .spec import Limits
+from .watchdog import TreeWatch
 
 LAUNCHER = str(Path(__file__).with_name("_limiter.py"))
+LAUNCHER_MARK = b"matrix-hpc sandbox launcher:"
 NOBODY = 65534
 _CHUNK = 65536
+_POLL_S = {"cgroup": 0.1, "watchdog": 0.05}
 
 # Order in which limits are reported (most telling first).
 LIMIT_ORDER = ("memory", "processes", "cpu_time", "wall_time", "file_size", "disk", "output")
@@ -50,6 +58,7 @@ class Outcome:
     peak_memory_bytes: int = 0
     limits_hit: list[str] = field(default_factory=list)
     error: str = ""
+    failed_to_start: str = ""  # the sandbox never ran: an error of the call, not a result
 
 
 class Handle:
@@ -60,6 +69,7 @@ class Handle:
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._cgroup: Cgroup | None = None
+        self._init_pidfd: int | None = None
 
     def _attach(self, pid: int, cgroup: Cgroup | None) -> None:
         with self._lock:
@@ -67,14 +77,25 @@ class Handle:
         if self.cancelled.is_set():
             self.kill()
 
+    def _attach_init(self, pidfd: int) -> None:
+        with self._lock:
+            self._init_pidfd = pidfd
+        if self.cancelled.is_set():
+            self.kill()
+
     def _detach(self) -> None:
         with self._lock:
-            self._pid = self._cgroup = None
+            self._pid = self._cgroup = self._init_pidfd = None
 
     def kill(self) -> None:
         self.cancelled.set()
         with self._lock:
-            pid, cg = self._pid, self._cgroup
+            pid, cg, init = self._pid, self._cgroup, self._init_pidfd
+        if init is not None:  # the sandbox's PID namespace dies with its init
+            try:
+                signal.pidfd_send_signal(init, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if pid is not None:
             _killpg(pid)
         if cg is not None:
@@ -96,8 +117,11 @@ def _killpg(pid: int) -> None:
 class Executor:
     """Runs launches with limits. One per server; thread-safe."""
 
-    def __init__(self, *, use_cgroups: bool = True, drop_to: int | None = None) -> None:
+    def __init__(self, *, use_cgroups: bool = True, drop_to: int | None = None, use_seccomp: bool = True) -> None:
         self.cgroups = CgroupRoot.detect() if use_cgroups else None
+        self.use_seccomp = use_seccomp
+        if use_seccomp:
+            seccomp.filter_program()  # fail at start (SeccompUnavailable), not on the first call
         # Root drops to an unprivileged uid before the runtime starts (bwrap then uses a user
         # namespace); other users stay who they are.
         if drop_to is None and os.geteuid() == 0:
@@ -107,8 +131,21 @@ class Executor:
         _raise_nofile()
 
     @property
+    def mechanism(self) -> str:
+        """What holds the per-sandbox limits: ``cgroup`` or ``watchdog``."""
+        return "cgroup" if self.cgroups else "watchdog"
+
+    @property
     def isolation(self) -> str:
-        return f"cgroup v{self.cgroups.version}" if self.cgroups else "rlimits"
+        """Said at start (log, Stats): which mechanism holds the limits, and the seccomp filter."""
+        if self.cgroups:
+            what = f"cgroup v{self.cgroups.version}"
+        else:
+            what = "process-tree watchdog + per-sandbox RLIMIT_NPROC (no writable cgroup)"
+        slurm = slurm_job_cgroup()
+        if slurm:
+            what += f", inside Slurm job cgroup {slurm}"
+        return what + (", seccomp" if self.use_seccomp else ", no seccomp")
 
     def close(self) -> None:
         if self.cgroups is not None:
@@ -130,11 +167,20 @@ class Executor:
         host_workdir: Path | None = None,
         handle: Handle | None = None,
     ) -> Outcome:
-        launch = runtime.command(argv, env=env or {}, limits=limits, host_workdir=host_workdir, files=files)
+        control = Control.open(self.use_seccomp) if runtime.reports_child else None
+        try:
+            launch = runtime.command(argv, env=env or {}, limits=limits, host_workdir=host_workdir,
+                                     files=files, control=control)
+        except BaseException:
+            if control is not None:
+                control.close()
+            raise
         try:
             return self._run(launch, limits, stdin, handle or Handle())
         finally:
             launch.close_fds()
+            if control is not None:
+                control.close()
 
     # -- the core -----------------------------------------------------------------------------
 
@@ -143,16 +189,9 @@ class Executor:
         if self.cgroups is not None:
             cg = self.cgroups.create(uuid.uuid4().hex[:12])
             cg.set_limits(memory_bytes=limits.memory_bytes, max_processes=limits.max_processes)
-        cpu = max(1, math.ceil(limits.cpu_time_s))
-        rl = {
-            "RLIMIT_CPU": (cpu, cpu + 1),
-            "RLIMIT_FSIZE": (limits.max_file_bytes, limits.max_file_bytes),
-            "RLIMIT_CORE": (0, 0),
-        }
-        if cg is None:  # no cgroup: per-process caps instead of per-tree ones
-            rl["RLIMIT_AS"] = (limits.memory_bytes, limits.memory_bytes)
-            rl["RLIMIT_NPROC"] = (limits.max_processes, limits.max_processes)
-        cfg = {"cgroup_procs": cg.procs_files() if cg else [], "rlimits": rl}
+        cfg = {"cgroup_procs": cg.procs_files() if cg else [], "rlimits": _rlimits(limits, cg is None)}
+        if launch.control is not None:
+            cfg.update(launch.control.launcher_config(), nproc=None if cg else limits.max_processes)
         if self.uid is not None:
             cfg.update(uid=self.uid, gid=self.gid)
         out = Outcome()
@@ -163,32 +202,46 @@ class Executor:
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", LAUNCHER, json.dumps(cfg), *argv],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                pass_fds=launch.pass_fds, close_fds=True,
+                pass_fds=launch.pass_fds + (launch.control.child_fds() if launch.control else []),
+                close_fds=True,
             )
         except OSError as e:
             if cg is not None:
                 cg.destroy()
-            out.error = f"could not start the sandbox: {e}"
-            out.exit_code = 127
+            out.failed_to_start = f"could not start the sandbox: {e}"
             return out
         launch.close_fds()
+        if launch.control is not None:
+            launch.control.close_child_ends()
         handle._attach(proc.pid, cg)
         hit: set[str] = set()
+        watch = TreeWatch(launch.tmpfs)
+        init_pidfd = None
         try:
-            self._pump(proc, out, limits, stdin, start, cg, hit, handle)
+            if launch.control is not None:
+                init_pidfd = self._release(launch.control, limits, handle, watch, start)
+                if init_pidfd is None:
+                    out.failed_to_start = "the sandbox could not be created"
+            if not out.failed_to_start:
+                self._pump(proc, out, limits, stdin, start, cg, watch, hit, handle)
         finally:
-            # The launcher is not reaped yet (its pid cannot be reused): kill its group, detach the
-            # handle, then reap it.
+            # The launcher is not reaped yet (its pid cannot be reused): kill its group and the
+            # sandbox's init, detach the handle, then reap it.
+            _kill_init(init_pidfd)
             _killpg(proc.pid)
             handle._detach()
             _, status, rusage = os.wait4(proc.pid, 0)
             proc.returncode = 0  # reaped by us; keep Popen from waiting again
+            if out.failed_to_start:
+                out.stderr = _drain(proc.stderr)
             for f in (proc.stdin, proc.stdout, proc.stderr):
                 try:
                     f and f.close()
                 except OSError:
                     pass
             out.wall_time_s = time.monotonic() - start
+            if init_pidfd is not None and not _wait_pidfd(init_pidfd, 5.0):
+                out.error = "some sandbox processes could not be killed"
             if cg is not None:
                 out.cpu_time_s = cg.cpu_time_s()
                 out.peak_memory_bytes = cg.peak_memory()
@@ -200,7 +253,30 @@ class Executor:
                     out.error = "some sandbox processes could not be killed"
             else:
                 out.cpu_time_s = rusage.ru_utime + rusage.ru_stime
-                out.peak_memory_bytes = rusage.ru_maxrss * 1024
+                out.peak_memory_bytes = watch.peak_memory_bytes  # (ru_maxrss includes the server's fork)
+                if watch.peak_tasks >= limits.max_processes:
+                    hit.add("processes")
+            if init_pidfd is not None:
+                os.close(init_pidfd)
+        return self._result(out, status, limits, hit, handle)
+
+    def _release(self, control: Control, limits: Limits, handle: Handle, watch: TreeWatch,
+                 start: float) -> int | None:
+        """Wait for the launcher's report of the sandbox's first process (capped), let it run; its pidfd."""
+        pid = control.child_pid(deadline=start + limits.wall_time_s)
+        if pid is None:
+            return None
+        try:
+            pidfd = os.pidfd_open(pid)  # it waits on the block pipe: still alive, pid not reused
+        except OSError:
+            return None
+        handle._attach_init(pidfd)
+        watch.init = pid
+        control.release()
+        return pidfd
+
+    def _result(self, out: Outcome, status: int, limits: Limits, hit: set[str], handle: Handle) -> Outcome:
+        """Exit code, signal and limits hit from the wait status and the counters (never from output)."""
         if os.WIFSIGNALED(status):
             out.signal = os.WTERMSIG(status)
             out.exit_code = 128 + out.signal
@@ -208,31 +284,53 @@ class Executor:
             out.exit_code = os.WEXITSTATUS(status)
             if 128 < out.exit_code <= 128 + 64:  # the runtime's report of a command killed by a signal
                 out.signal = out.exit_code - 128
+        if out.failed_to_start:
+            detail = out.stderr.decode(errors="replace").strip()
+            out.failed_to_start += f": {detail}" if detail else f" (exit status {out.exit_code})"
+            return out
         code = out.exit_code
-        if code in (128 + signal.SIGXCPU, 128 + signal.SIGKILL) and out.cpu_time_s >= limits.cpu_time_s * 0.95:
+        if code == 128 + signal.SIGKILL and out.cpu_time_s >= limits.cpu_time_s * 0.95:
             hit.add("cpu_time")
         if code == 128 + signal.SIGXCPU:
             hit.add("cpu_time")
-        if code == 128 + signal.SIGXFSZ or b"[Errno 27] File too large" in out.stderr:
+        if code == 128 + signal.SIGXFSZ:
             hit.add("file_size")
-        if cg is None and (b"MemoryError" in out.stderr[-4096:] or b"Cannot allocate memory" in out.stderr):
-            hit.add("memory")  # RLIMIT_AS refused an allocation (no cgroup to tell us)
-        if b"No space left on device" in out.stderr:
-            hit.add("disk")
         if out.stdout_truncated or out.stderr_truncated:
             hit.add("output")
         if handle.cancelled.is_set() and not hit:
             out.error = out.error or "cancelled"
-        if code == 127 and out.stderr.startswith(b"matrix-hpc sandbox launcher:"):
-            out.error = out.stderr.decode(errors="replace").strip()
-        elif code != 0 and out.stderr.startswith(b"bwrap: ") and out.cpu_time_s < 1:
-            out.error = "bwrap failed: " + out.stderr.decode(errors="replace").strip()
+        if code == 127 and out.stderr.startswith(LAUNCHER_MARK):
+            out.failed_to_start = out.stderr.decode(errors="replace").strip()
         out.limits_hit = [name for name in LIMIT_ORDER if name in hit]
         return out
 
+    def _over_limits(self, cg: Cgroup | None, watch: TreeWatch, limits: Limits, hit: set[str]) -> bool:
+        """One poll of the tree's counters; True when it must be killed."""
+        if cg is not None:
+            if watch.tmpfs_full():
+                hit.add("disk")
+            if cg.cpu_time_s() > limits.cpu_time_s:
+                hit.add("cpu_time")
+                return True
+            return False
+        u = watch.measure()
+        if u.full_tmpfs:
+            hit.add("disk")
+        if u.tasks >= limits.max_processes:
+            hit.add("processes")
+        if u.memory_bytes > limits.memory_bytes:
+            hit.add("memory")
+            return True
+        if u.cpu_time_s > limits.cpu_time_s:
+            hit.add("cpu_time")
+            return True
+        return False
+
     def _pump(self, proc, out: Outcome, limits: Limits, stdin: bytes, start: float,
-              cg: Cgroup | None, hit: set[str], handle: Handle) -> None:
+              cg: Cgroup | None, watch: TreeWatch, hit: set[str], handle: Handle) -> None:
         """Stream the pipes until the process exits and its pipes close, or a limit fires."""
+        every = _POLL_S[self.mechanism]
+        next_poll = start
         sel = selectors.DefaultSelector()
         bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
         trunc = {proc.stdout.fileno(): False, proc.stderr.fileno(): False}
@@ -265,10 +363,11 @@ class Executor:
                     break
                 if handle.cancelled.is_set() and status is None:
                     break
-                if cg is not None and status is None and cg.cpu_time_s() > limits.cpu_time_s:
-                    hit.add("cpu_time")
-                    break
-                timeout = min(max(deadline - now, 0), 0.1 if cg is not None else 0.5)
+                if status is None and now >= next_poll:
+                    if self._over_limits(cg, watch, limits, hit):
+                        break
+                    next_poll = now + every
+                timeout = min(max(deadline - now, 0), every)
                 for key, _ in sel.select(timeout):
                     fd = key.fd
                     if fd == pidfd:
@@ -311,6 +410,46 @@ class Executor:
             out.stderr = bytes(bufs[proc.stderr.fileno()])
             out.stdout_truncated = trunc[proc.stdout.fileno()]
             out.stderr_truncated = trunc[proc.stderr.fileno()]
+
+
+def _rlimits(limits: Limits, no_cgroup: bool) -> dict[str, tuple[int, int]]:
+    cpu = max(1, math.ceil(limits.cpu_time_s))
+    rl = {
+        "RLIMIT_CPU": (cpu, cpu + 1),
+        "RLIMIT_FSIZE": (limits.max_file_bytes, limits.max_file_bytes),
+        "RLIMIT_CORE": (0, 0),
+    }
+    if no_cgroup:
+        # A backstop only: no single process may map so much that it outruns the watchdog by far.
+        # The cap itself is the watchdog's, on the whole tree. (No RLIMIT_NPROC here: for the
+        # launcher it would count every thread of the user, Ray and vLLM included.)
+        backstop = max(4 * limits.memory_bytes, limits.memory_bytes + (2 << 30))
+        rl["RLIMIT_AS"] = (backstop, backstop)
+    return rl
+
+
+def _kill_init(pidfd: int | None) -> None:
+    if pidfd is not None:
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_pidfd(pidfd: int, timeout_s: float) -> bool:
+    """True once the process behind ``pidfd`` has exited (readable pidfd)."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(pidfd, selectors.EVENT_READ)
+        return bool(sel.select(timeout_s))
+
+
+def _drain(pipe) -> bytes:
+    """What a dead process left in a pipe (bounded)."""
+    try:
+        os.set_blocking(pipe.fileno(), False)
+        return os.read(pipe.fileno(), _CHUNK)
+    except (OSError, ValueError):
+        return b""
 
 
 def _raise_nofile() -> None:

@@ -12,9 +12,12 @@ from file descriptors (bwrap one-shot runs: nothing touches the host disk) or a 
 from __future__ import annotations
 
 import os
+import selectors
+import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from . import seccomp
 from .spec import Limits
 
 WORK = "/work"
@@ -51,12 +54,82 @@ def check_env(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+class Control:
+    """bwrap's side channels for one sandbox, and the launcher's report.
+
+    On the info pipe bwrap tells the launcher (``_limiter.py``, its parent) the sandbox's first
+    process once its namespaces exist; that process then waits on the block pipe (after its set-up,
+    before the seccomp filter and the command). The launcher caps it and reports its pid to the
+    server on the report pipe (nothing: the sandbox could not be created); the server opens a pidfd
+    on it and lets it go. The seccomp program goes in a memfd.
+    """
+
+    def __init__(self, with_seccomp: bool) -> None:
+        self.info_r, self.info_w = os.pipe()
+        self.block_r, self.block_w = os.pipe()
+        self.report_r, self.report_w = os.pipe()
+        self.seccomp_fd = seccomp.filter_fd() if with_seccomp else -1
+
+    @classmethod
+    def open(cls, with_seccomp: bool) -> Control:
+        return cls(with_seccomp)
+
+    def child_fds(self) -> list[int]:
+        """What the launcher inherits (it hands bwrap its part)."""
+        return [fd for fd in (self.info_r, self.info_w, self.block_r, self.report_w, self.seccomp_fd) if fd >= 0]
+
+    def launcher_config(self) -> dict:
+        return {"bwrap_info_fd": self.info_r, "report_fd": self.report_w,
+                "bwrap_fds": [fd for fd in (self.info_w, self.block_r, self.seccomp_fd) if fd >= 0]}
+
+    def child_pid(self, deadline: float) -> int | None:
+        """The host pid of the sandbox's first process, or None when none was reported."""
+        data = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.report_r, selectors.EVENT_READ)
+            while time.monotonic() < deadline:
+                if not sel.select(max(deadline - time.monotonic(), 0)):
+                    continue
+                chunk = os.read(self.report_r, 64)
+                if not chunk:
+                    break
+                data += chunk
+        try:
+            return int(data)
+        except ValueError:
+            return None
+
+    def release(self) -> None:
+        try:
+            os.write(self.block_w, b"1")
+        except OSError:
+            pass  # it died during its set-up; the exit status tells
+        self._close("block_w")
+
+    def close_child_ends(self) -> None:
+        for name in ("info_r", "info_w", "block_r", "report_w", "seccomp_fd"):
+            self._close(name)
+
+    def close(self) -> None:
+        for name in ("info_r", "info_w", "block_r", "block_w", "report_r", "report_w", "seccomp_fd"):
+            self._close(name)
+
+    def _close(self, name: str) -> None:
+        fd = getattr(self, name)
+        if fd >= 0:
+            setattr(self, name, -1)
+            os.close(fd)
+
+
 @dataclass
 class Launch:
-    """What a runtime produced: the argv, and file descriptors the child must inherit."""
+    """What a runtime produced: the argv, file descriptors the child must inherit (owned here),
+    bwrap's side channels and the sandbox paths that are in-memory folders."""
 
     argv: list[str]
     pass_fds: list[int] = field(default_factory=list)
+    control: Control | None = None
+    tmpfs: list[str] = field(default_factory=list)
 
     def close_fds(self) -> None:
         for fd in self.pass_fds:
@@ -77,6 +150,8 @@ class Runtime:
     name: str = "base"
     # Host directories only (no tmpfs work dir filled from fds).
     needs_host_workdir: bool = False
+    # Speaks the Control protocol (reports its first process, waits to be let go, takes seccomp).
+    reports_child: bool = False
 
     def command(
         self,
@@ -86,6 +161,7 @@ class Runtime:
         limits: Limits,
         host_workdir: Path | None = None,
         files: list[tuple[PurePosixPath, bytes, int]] = (),
+        control: Control | None = None,
     ) -> Launch:
         raise NotImplementedError
 
@@ -102,12 +178,18 @@ class BwrapRuntime(Runtime):
 
     binary: str = "bwrap"
     name: str = "bwrap"
+    reports_child: bool = True
 
-    def command(self, argv, *, env, limits, host_workdir=None, files=()) -> Launch:
+    def command(self, argv, *, env, limits, host_workdir=None, files=(), control=None) -> Launch:
         if not argv:
             raise SandboxArgumentError("empty command")
         a = [self.binary, "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID),
              "--gid", str(SANDBOX_UID)]
+        if control is not None:
+            a += ["--info-fd", str(control.info_w), "--block-fd", str(control.block_r)]
+            if control.seccomp_fd >= 0:
+                a += ["--seccomp", str(control.seccomp_fd)]
+        tmpfs = ["/tmp", "/dev/shm"] + ([WORK] if host_workdir is None else [])
         if self.network:
             a.append("--share-net")
         a += ["--die-with-parent", "--new-session", "--hostname", "sandbox",
@@ -143,7 +225,7 @@ class BwrapRuntime(Runtime):
         for k, v in self.environment(env).items():
             a += ["--setenv", k, v]
         a += ["--", *argv]
-        return Launch(a, fds)
+        return Launch(a, fds, control, tmpfs)
 
 
 @dataclass
@@ -154,7 +236,7 @@ class ApptainerRuntime(Runtime):
     name: str = "apptainer"
     needs_host_workdir: bool = True
 
-    def command(self, argv, *, env, limits, host_workdir=None, files=()) -> Launch:
+    def command(self, argv, *, env, limits, host_workdir=None, files=(), control=None) -> Launch:
         if not argv:
             raise SandboxArgumentError("empty command")
         if host_workdir is None:

@@ -208,7 +208,15 @@ class SandboxServer(pb_grpc.SandboxServicer):
                 owned.discard(handle)
                 if not owned:
                     self.runs.pop(request.owner, None)
+        await self._fail_unstarted(out, context)
         return outcome_to_proto(out)
+
+    async def _fail_unstarted(self, out: Outcome, context) -> None:
+        """A sandbox that could not run at all is an error of the call, never a result."""
+        if out.failed_to_start:
+            log.error("sandbox could not start on node %s: %s", self.node, out.failed_to_start)
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"the sandbox could not run on node {self.node}: {out.failed_to_start}")
 
     def _run_once(self, argv, *, limits, env, stdin, files, handle) -> Outcome:
         if not self.runtime.needs_host_workdir:
@@ -305,6 +313,7 @@ class SandboxServer(pb_grpc.SandboxServicer):
                 finally:
                     s.handle = None
                     s.last_used = time.monotonic()
+        await self._fail_unstarted(out, context)
         if used > limits.work_dir_bytes:
             out.limits_hit = [n for n in out.limits_hit if n != "disk"] + ["disk"]
             out.error = (f"the session's files take {used} bytes, more than its {limits.work_dir_bytes} "
