@@ -4,11 +4,12 @@
 limits, start a new session (so the whole group can be killed), drop root to an unprivileged
 uid, then exec ARGV. Kept free of imports from matrix_hpc so it starts in a few milliseconds.
 
-With ``bwrap_info_fd`` (bwrap's side channels, see ``runtimes.Control``) it stays as bwrap's
+With ``bwrap_status_fd`` (bwrap's side channels, see ``runtimes.Control``) it stays as bwrap's
 parent instead: it reads bwrap's report of the sandbox's first process, gives that process
 ``RLIMIT_NPROC`` (``nproc``; we are the same user, which the kernel requires), passes its pid to the
-server on ``report_fd`` (nothing: the sandbox was not created) and ends as bwrap ends (same exit
-code or signal).
+server on ``report_fd`` (nothing: the sandbox was not created), then ``ran`` if bwrap reported the
+command's exit (it does only for a command it executed), and ends as bwrap ends (same exit code or
+signal).
 """
 
 import json
@@ -39,33 +40,41 @@ def main() -> None:
         os.setgroups([])
         os.setgid(cfg["gid"])
         os.setuid(uid)
-    if cfg.get("bwrap_info_fd") is None:
+    if cfg.get("bwrap_status_fd") is None:
         os.execv(argv[0], argv)
-    supervise(argv, cfg["bwrap_info_fd"], cfg["report_fd"], cfg["bwrap_fds"], cfg.get("nproc"))
+    supervise(argv, cfg["bwrap_status_fd"], cfg["report_fd"], cfg["bwrap_fds"], cfg.get("nproc"))
 
 
-def supervise(argv: list[str], info_fd: int, report_fd: int, bwrap_fds: list[int], nproc: int | None) -> None:
+def supervise(argv: list[str], status_fd: int, report_fd: int, bwrap_fds: list[int], nproc: int | None) -> None:
     child = os.fork()
     if child == 0:
         try:
-            os.close(info_fd)
+            os.close(status_fd)
             os.close(report_fd)
             os.execv(argv[0], argv)
         finally:
             os._exit(127)
-    for fd in bwrap_fds:  # bwrap's ends: the info pipe must reach EOF when bwrap closes it
+    for fd in bwrap_fds:  # bwrap's ends: its status pipe must reach EOF when bwrap ends
         os.close(fd)
     data = b""
-    while chunk := os.read(info_fd, 4096):
+    while b"\n" not in data and (chunk := os.read(status_fd, 4096)):
         data += chunk
-    os.close(info_fd)
-    if data:
-        first = int(json.loads(data)["child-pid"])
+    first, _, data = data.partition(b"\n")
+    if first:
+        pid = int(json.loads(first)["child-pid"])
         if nproc is not None:
-            resource.prlimit(first, resource.RLIMIT_NPROC, (nproc, nproc))
-        os.write(report_fd, str(first).encode())
-    os.close(report_fd)
+            resource.prlimit(pid, resource.RLIMIT_NPROC, (nproc, nproc))
+        os.write(report_fd, b"%d\n" % pid)
     _, status = os.waitpid(child, 0)
+    os.set_blocking(status_fd, False)
+    try:
+        while chunk := os.read(status_fd, 4096):
+            data += chunk
+    except BlockingIOError:
+        pass
+    if b'"exit-code"' in data:  # bwrap writes it only when the command was executed
+        os.write(report_fd, b"ran\n")
+    os.close(report_fd)
     if os.WIFSIGNALED(status):
         signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

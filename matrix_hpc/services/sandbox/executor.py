@@ -1,10 +1,11 @@
 """Run one sandboxed command under limits; shared by every runtime.
 
 The server process starts ``_limiter.py`` (join the cgroup, set rlimits, new session, drop root),
-which execs the runtime's argv. bwrap reports the sandbox's first process on an info pipe and waits
-on a block pipe: no report means the sandbox could not be created (a start failure, raised to the
-client, never a result); otherwise, without a cgroup, that process gets ``RLIMIT_NPROC`` (inside
-its own user namespace it counts this sandbox only) before it is let go. While it runs we stream
+which execs the runtime's argv (or, for bwrap, stays as its parent: see ``runtimes.Control``). bwrap
+reports the sandbox's first process, which waits to be let go: no report, or no report that the
+command was executed, means the sandbox could not run (an error of the call, never a result);
+without a cgroup that process gets ``RLIMIT_NPROC`` first (inside its own user namespace it counts
+this sandbox only). While it runs we stream
 stdout/stderr keeping at most ``max_output_bytes`` of each (the rest is read and dropped, never
 buffered), watch the wall clock and the tree's CPU time and memory (its cgroup, or the
 ``watchdog``), and at the end kill whatever is left: the process group, the sandbox's init (its PID
@@ -222,8 +223,9 @@ class Executor:
                 init_pidfd = self._release(launch.control, limits, handle, watch, start)
                 if init_pidfd is None:
                     out.failed_to_start = "the sandbox could not be created"
+            exited = False
             if not out.failed_to_start:
-                self._pump(proc, out, limits, stdin, start, cg, watch, hit, handle)
+                exited = self._pump(proc, out, limits, stdin, start, cg, watch, hit, handle)
         finally:
             # The launcher is not reaped yet (its pid cannot be reused): kill its group and the
             # sandbox's init, detach the handle, then reap it.
@@ -234,6 +236,8 @@ class Executor:
             proc.returncode = 0  # reaped by us; keep Popen from waiting again
             if out.failed_to_start:
                 out.stderr = _drain(proc.stderr)
+            elif exited and launch.control is not None and not launch.control.command_ran():
+                out.failed_to_start = "bwrap could not set up the sandbox or execute the command"
             for f in (proc.stdin, proc.stdout, proc.stderr):
                 try:
                     f and f.close()
@@ -328,7 +332,7 @@ class Executor:
 
     def _pump(self, proc, out: Outcome, limits: Limits, stdin: bytes, start: float,
               cg: Cgroup | None, watch: TreeWatch, hit: set[str], handle: Handle) -> None:
-        """Stream the pipes until the process exits and its pipes close, or a limit fires."""
+        """Stream the pipes until the process exits and its pipes close (True), or a limit fires."""
         every = _POLL_S[self.mechanism]
         next_poll = start
         sel = selectors.DefaultSelector()
@@ -403,6 +407,7 @@ class Executor:
                             buf += data[:room]
                         if len(data) > room:
                             trunc[fd] = True
+            return status is not None
         finally:
             sel.close()
             os.close(pidfd)

@@ -57,18 +57,20 @@ def check_env(env: dict[str, str]) -> dict[str, str]:
 class Control:
     """bwrap's side channels for one sandbox, and the launcher's report.
 
-    On the info pipe bwrap tells the launcher (``_limiter.py``, its parent) the sandbox's first
-    process once its namespaces exist; that process then waits on the block pipe (after its set-up,
-    before the seccomp filter and the command). The launcher caps it and reports its pid to the
-    server on the report pipe (nothing: the sandbox could not be created); the server opens a pidfd
-    on it and lets it go. The seccomp program goes in a memfd.
+    On the status pipe (``--json-status-fd``) bwrap tells the launcher (``_limiter.py``, its
+    parent) the sandbox's first process once its namespaces exist, and at the end the command's
+    exit code, only if it executed the command. That first process waits on the block pipe (after
+    its set-up, before the seccomp filter and the command). The launcher caps it and reports on the
+    report pipe its pid (nothing: the sandbox could not be created), then ``ran``; the server opens
+    a pidfd on it and lets it go. The seccomp program goes in a memfd.
     """
 
     def __init__(self, with_seccomp: bool) -> None:
-        self.info_r, self.info_w = os.pipe()
+        self.status_r, self.status_w = os.pipe()
         self.block_r, self.block_w = os.pipe()
         self.report_r, self.report_w = os.pipe()
         self.seccomp_fd = seccomp.filter_fd() if with_seccomp else -1
+        self._rest = b""
 
     @classmethod
     def open(cls, with_seccomp: bool) -> Control:
@@ -76,28 +78,40 @@ class Control:
 
     def child_fds(self) -> list[int]:
         """What the launcher inherits (it hands bwrap its part)."""
-        return [fd for fd in (self.info_r, self.info_w, self.block_r, self.report_w, self.seccomp_fd) if fd >= 0]
+        return [fd for fd in (self.status_r, self.status_w, self.block_r, self.report_w, self.seccomp_fd) if fd >= 0]
 
     def launcher_config(self) -> dict:
-        return {"bwrap_info_fd": self.info_r, "report_fd": self.report_w,
-                "bwrap_fds": [fd for fd in (self.info_w, self.block_r, self.seccomp_fd) if fd >= 0]}
+        return {"bwrap_status_fd": self.status_r, "report_fd": self.report_w,
+                "bwrap_fds": [fd for fd in (self.status_w, self.block_r, self.seccomp_fd) if fd >= 0]}
 
     def child_pid(self, deadline: float) -> int | None:
         """The host pid of the sandbox's first process, or None when none was reported."""
         data = b""
         with selectors.DefaultSelector() as sel:
             sel.register(self.report_r, selectors.EVENT_READ)
-            while time.monotonic() < deadline:
+            while b"\n" not in data and time.monotonic() < deadline:
                 if not sel.select(max(deadline - time.monotonic(), 0)):
                     continue
                 chunk = os.read(self.report_r, 64)
                 if not chunk:
                     break
                 data += chunk
+        line, _, self._rest = data.partition(b"\n")
         try:
-            return int(data)
+            return int(line)
         except ValueError:
             return None
+
+    def command_ran(self) -> bool:
+        """After the launcher has exited: whether bwrap executed the command."""
+        data = self._rest
+        os.set_blocking(self.report_r, False)
+        try:
+            while chunk := os.read(self.report_r, 64):
+                data += chunk
+        except BlockingIOError:
+            pass
+        return b"ran" in data
 
     def release(self) -> None:
         try:
@@ -107,11 +121,11 @@ class Control:
         self._close("block_w")
 
     def close_child_ends(self) -> None:
-        for name in ("info_r", "info_w", "block_r", "report_w", "seccomp_fd"):
+        for name in ("status_r", "status_w", "block_r", "report_w", "seccomp_fd"):
             self._close(name)
 
     def close(self) -> None:
-        for name in ("info_r", "info_w", "block_r", "block_w", "report_r", "report_w", "seccomp_fd"):
+        for name in ("status_r", "status_w", "block_r", "block_w", "report_r", "report_w", "seccomp_fd"):
             self._close(name)
 
     def _close(self, name: str) -> None:
@@ -186,7 +200,7 @@ class BwrapRuntime(Runtime):
         a = [self.binary, "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID),
              "--gid", str(SANDBOX_UID)]
         if control is not None:
-            a += ["--info-fd", str(control.info_w), "--block-fd", str(control.block_r)]
+            a += ["--json-status-fd", str(control.status_w), "--block-fd", str(control.block_r)]
             if control.seccomp_fd >= 0:
                 a += ["--seccomp", str(control.seccomp_fd)]
         tmpfs = ["/tmp", "/dev/shm"] + ([WORK] if host_workdir is None else [])

@@ -357,19 +357,3 @@ def test_session_over_its_disk_quota_is_closed(aloop, client, server):
     assert "disk" in r.limits_hit and "closed" in r.error
     assert err.code == "NOT_FOUND"
     assert not any(s for s in server[0].sessions.values())
-
-
-def test_rlimit_fallback_without_cgroups(python_image):
-    """Where cgroups cannot be created the same limits hold per process (weaker, still contained)."""
-    from .executor import Executor
-    from .runtimes import BwrapRuntime
-    from .spec import Limits
-
-    ex = Executor(use_cgroups=False)
-    rt = BwrapRuntime(image=python_image)
-    lim = Limits(wall_time_s=10, memory_bytes=256 << 20)
-    ok = ex.run(rt, ["python3", "-c", "print('fine')"], limits=lim)
-    assert ok.exit_code == 0 and ok.stdout == b"fine\n"
-    hog = ex.run(rt, ["python3", "-c", "x = bytearray(1 << 30)"], limits=lim)
-    assert hog.exit_code != 0 and "memory" in hog.limits_hit
-    assert ex.isolation == "rlimits"

@@ -88,7 +88,7 @@ class TreeWatch:
                 u.memory_bytes += _pss_anon(pid)
             except (OSError, ValueError, IndexError):
                 pass  # exited between the walk and the read
-        self._add_tmpfs(inside, u)
+        self._add_tmpfs(inside[1:], u)
         u.memory_bytes += u.tmpfs_bytes
         self.peak_memory_bytes = max(self.peak_memory_bytes, u.memory_bytes)
         self.peak_tasks = max(self.peak_tasks, u.tasks)
@@ -98,11 +98,12 @@ class TreeWatch:
         """Whether one of the sandbox's in-memory folders is full (its cgroup counts the memory)."""
         u = Usage()
         if self.init is not None:
-            self._add_tmpfs(tree(self.init), u)
+            self._add_tmpfs(tree(self.init)[1:], u)
         return bool(u.full_tmpfs)
 
     def _add_tmpfs(self, inside: list[int], u: Usage) -> None:
-        # Every process of the tree has the sandbox's root (try the next one if one just exited).
+        # ``inside``: the init's descendants, forked once the sandbox's root was set up (the init
+        # may still be setting it up). Try the next one if one just exited.
         for pid in inside:
             try:
                 stats = [(p, os.statvfs(f"/proc/{pid}/root{p}")) for p in self.tmpfs]
