@@ -1,6 +1,6 @@
 """Sandbox service benchmark: one-shot runs/s, cold start, session exec latency (real bwrap, gRPC).
 
-    .venv/bin/python benchmarks/bench_sandbox.py [--runs 40] [--no-ray] [--json]
+    .venv/bin/python benchmarks/bench_sandbox.py [--runs 40] [--no-ray] [--no-mechanisms] [--json]
 
 Every request goes through the real path: gRPC on 127.0.0.1 -> server -> launcher (cgroup, rlimits,
 drop root) -> bwrap over the debootstrapped `python` image -> `python3 -c 'print(1)'`.
@@ -8,6 +8,9 @@ drop root) -> bwrap over the debootstrapped `python` image -> `python3 -c 'print
 - cold start: a new server process-side object to its first answer, and (with Ray) deploy() of a
   replica actor plus its first answer, after ray.init();
 - session exec latency: median and p90 of Exec on an open session, and open + close.
+- mechanisms (executor only, no gRPC, same process): run latency with a cgroup, with the
+  process-tree watchdog, and without the seccomp filter; the server CPU the watchdog spends per
+  second of a running 8-process sandbox; how far a 4 x 400 MB tree gets past a 512 MiB cap.
 """
 
 from __future__ import annotations
@@ -108,13 +111,54 @@ def with_ray() -> dict:
         ray.shutdown()
 
 
+MULTI = "import os, time\nfor _ in range(7):\n    if os.fork() == 0:\n        break\ntime.sleep(2)\n"
+HOG = ("import os, time\nfor _ in range(4):\n    if os.fork() == 0:\n        b = bytearray(400 << 20)\n"
+       "        time.sleep(30)\n        os._exit(0)\nfor _ in range(4):\n    os.wait()\n")
+
+
+def mechanisms() -> dict:
+    from matrix_hpc.services.sandbox.executor import Executor
+    from matrix_hpc.services.sandbox.runtimes import BwrapRuntime
+    from matrix_hpc.services.sandbox.spec import Limits
+
+    rt = BwrapRuntime(image=build_image("python", quiet=True))
+    lim = Limits(wall_time_s=20, memory_bytes=512 << 20)
+    out: dict = {}
+    kinds = {"watchdog": Executor(use_cgroups=False), "watchdog_no_seccomp": Executor(use_cgroups=False,
+                                                                                         use_seccomp=False)}
+    cg = Executor()
+    if cg.cgroups is not None:
+        kinds["cgroup"] = cg
+    for name, ex in kinds.items():
+        lat = []
+        for _ in range(15):
+            t = time.perf_counter()
+            r = ex.run(rt, CMD, limits=lim)
+            lat.append(time.perf_counter() - t)
+            assert r.exit_code == 0 and r.stdout == b"1\n", r
+        out[f"{name}_run_latency_median_s"] = round(statistics.median(lat[3:]), 4)
+        if name == "watchdog_no_seccomp":
+            continue
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        r = ex.run(rt, ["python3", "-c", MULTI], limits=lim)
+        out[f"{name}_server_cpu_per_sandbox_s"] = round((time.process_time() - cpu0) / (time.perf_counter() - t0), 4)
+        r = ex.run(rt, ["python3", "-c", HOG], limits=lim)
+        assert r.limits_hit[:1] == ["memory"], r
+        out[f"{name}_4x400MB_peak_over_512MiB_cap"] = round(r.peak_memory_bytes / lim.memory_bytes, 2)
+    cg.close()
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=40, help="one-shot runs per concurrency level (x c/2)")
     p.add_argument("--no-ray", action="store_true", help="skip the Ray deploy cold-start measurement")
+    p.add_argument("--no-mechanisms", action="store_true", help="skip the cgroup / watchdog comparison")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     res = asyncio.run(in_process(args))
+    if not args.no_mechanisms:
+        res.update(mechanisms())
     if not args.no_ray:
         res.update(with_ray())
     res["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}"

@@ -216,7 +216,8 @@ class Executor:
             launch.control.close_child_ends()
         handle._attach(proc.pid, cg)
         hit: set[str] = set()
-        watch = TreeWatch(launch.tmpfs)
+        # Without bwrap's report (Apptainer) the watchdog watches the runtime's whole tree.
+        watch = TreeWatch(launch.tmpfs, None if launch.control else proc.pid)
         init_pidfd = None
         try:
             if launch.control is not None:
@@ -322,6 +323,8 @@ class Executor:
             hit.add("disk")
         if u.tasks >= limits.max_processes:
             hit.add("processes")
+        if u.tasks > limits.max_processes:  # no kernel cap on this tree (Apptainer): kill it
+            return True
         if u.memory_bytes > limits.memory_bytes:
             hit.add("memory")
             return True
