@@ -34,12 +34,12 @@ from . import seccomp
 from .cgroups import Cgroup, CgroupRoot, slurm_job_cgroup
 from .runtimes import Control, Launch, Runtime
 from .spec import Limits
+from .streams import CHUNK, pump
 from .watchdog import TreeWatch
 
 LAUNCHER = str(Path(__file__).with_name("_limiter.py"))
 LAUNCHER_MARK = b"matrix-hpc sandbox launcher:"
 NOBODY = 65534
-_CHUNK = 65536
 _POLL_S = {"cgroup": 0.1, "watchdog": 0.05}
 
 # Order in which limits are reported (most telling first).
@@ -226,7 +226,13 @@ class Executor:
                     out.failed_to_start = "the sandbox could not be created"
             exited = False
             if not out.failed_to_start:
-                exited = self._pump(proc, out, limits, stdin, start, cg, watch, hit, handle)
+                ended = pump(proc, out, stdin=stdin, deadline=start + limits.wall_time_s,
+                             max_output_bytes=limits.max_output_bytes, every=_POLL_S[self.mechanism],
+                             cancelled=handle.cancelled,
+                             over_limits=lambda: self._over_limits(cg, watch, limits, hit))
+                exited = ended == "exited"
+                if ended == "wall_time":
+                    hit.add("wall_time")
         finally:
             # The launcher is not reaped yet (its pid cannot be reused): kill its group and the
             # sandbox's init, detach the handle, then reap it.
@@ -333,92 +339,6 @@ class Executor:
             return True
         return False
 
-    def _pump(self, proc, out: Outcome, limits: Limits, stdin: bytes, start: float,
-              cg: Cgroup | None, watch: TreeWatch, hit: set[str], handle: Handle) -> None:
-        """Stream the pipes until the process exits and its pipes close (True), or a limit fires."""
-        every = _POLL_S[self.mechanism]
-        next_poll = start
-        sel = selectors.DefaultSelector()
-        bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
-        trunc = {proc.stdout.fileno(): False, proc.stderr.fileno(): False}
-        for f in (proc.stdout, proc.stderr):
-            os.set_blocking(f.fileno(), False)
-            sel.register(f.fileno(), selectors.EVENT_READ)
-        in_view = memoryview(stdin)
-        stdin_fd = proc.stdin.fileno() if stdin else -1
-        if stdin:
-            os.set_blocking(proc.stdin.fileno(), False)
-            sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
-        else:
-            proc.stdin.close()
-        pidfd = os.pidfd_open(proc.pid)
-        sel.register(pidfd, selectors.EVENT_READ)
-        deadline = start + limits.wall_time_s
-        status = None
-        exited_at = None
-        cap = limits.max_output_bytes
-        try:
-            while True:
-                now = time.monotonic()
-                if status is not None:
-                    # Exited: the PID namespace is gone, pipes close at once; do not wait forever
-                    # on a pipe some escaped process might hold.
-                    if len(sel.get_map()) == 0 or now - exited_at > 1.0:
-                        break
-                if now >= deadline and status is None:
-                    hit.add("wall_time")
-                    break
-                if handle.cancelled.is_set() and status is None:
-                    break
-                if status is None and now >= next_poll:
-                    if self._over_limits(cg, watch, limits, hit):
-                        break
-                    next_poll = now + every
-                timeout = min(max(deadline - now, 0), every)
-                for key, _ in sel.select(timeout):
-                    fd = key.fd
-                    if fd == pidfd:
-                        # Exited (zombie, not reaped: the caller reaps it after detaching).
-                        exited = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-                        if exited is None:
-                            continue
-                        status = True
-                        exited_at = time.monotonic()
-                        sel.unregister(pidfd)
-                    elif fd == stdin_fd:
-                        try:
-                            n = os.write(fd, in_view[:_CHUNK])
-                            in_view = in_view[n:]
-                        except BlockingIOError:
-                            continue
-                        except (BrokenPipeError, OSError):
-                            in_view = in_view[:0]
-                        if not in_view:
-                            sel.unregister(fd)
-                            proc.stdin.close()
-                    else:
-                        try:
-                            data = os.read(fd, _CHUNK)
-                        except BlockingIOError:
-                            continue
-                        if not data:
-                            sel.unregister(fd)
-                            continue
-                        buf = bufs[fd]
-                        room = cap - len(buf)
-                        if room > 0:
-                            buf += data[:room]
-                        if len(data) > room:
-                            trunc[fd] = True
-            return status is not None
-        finally:
-            sel.close()
-            os.close(pidfd)
-            out.stdout = bytes(bufs[proc.stdout.fileno()])
-            out.stderr = bytes(bufs[proc.stderr.fileno()])
-            out.stdout_truncated = trunc[proc.stdout.fileno()]
-            out.stderr_truncated = trunc[proc.stderr.fileno()]
-
 
 def _rlimits(limits: Limits, no_cgroup: bool) -> dict[str, tuple[int, int]]:
     cpu = max(1, math.ceil(limits.cpu_time_s))
@@ -455,7 +375,7 @@ def _drain(pipe) -> bytes:
     """What a dead process left in a pipe (bounded)."""
     try:
         os.set_blocking(pipe.fileno(), False)
-        return os.read(pipe.fileno(), _CHUNK)
+        return os.read(pipe.fileno(), CHUNK)
     except (OSError, ValueError):
         return b""
 

@@ -131,7 +131,7 @@ def test_memory_hog_is_killed(aloop, client, server):
 def test_infinite_loop_hits_cpu_limit(aloop, client):
     r = aloop.run(client.run(["python3", "-c", "while True: pass"], limits={"cpu_time_s": 1}))
     assert r.limit_hit == "cpu_time", r
-    assert r.wall_time_s < 5
+    assert r.wall_time_s < 9  # before the 10 s wall clock, even on a loaded machine
 
 
 def test_sleeper_hits_wall_clock_and_whole_tree_dies(aloop, client, server):
@@ -357,3 +357,10 @@ def test_session_over_its_disk_quota_is_closed(aloop, client, server):
     assert "disk" in r.limits_hit and "closed" in r.error
     assert err.code == "NOT_FOUND"
     assert not any(s for s in server[0].sessions.values())
+
+
+def test_a_full_work_folder_is_reported_as_disk(aloop, client):
+    from .test_unprivileged import DISK_FILLER
+
+    r = aloop.run(client.run(["python3", "-c", DISK_FILLER], limits={"work_dir_bytes": 8 << 20}))
+    assert r.exit_code == 0 and r.limits_hit == ["disk"], r

@@ -26,8 +26,8 @@ from matrix_hpc.sandbox.v1 import sandbox_pb2 as pb
 from matrix_hpc.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 
 from .client import SandboxClient
-from .server import ServiceError
 from .test_sandbox import host_procs_with
+from .wire import ServiceError
 
 THREADS = 400
 # Stands in for Ray + vLLM: one process of the user with THREADS threads, alive through the module.
@@ -275,3 +275,22 @@ def test_without_the_filter_the_probe_would_get_through(python_image):
         BwrapRuntime(image=python_image), ["python3", "-c", PROBE, "/nonexistent", "1"], limits=Limits(wall_time_s=10))
     got = _probe_lines(r.stdout.decode())
     assert (got["ptrace"], got["keyctl"], got["unshare"], got["mount"]) == ("ok", "ok", "ok", "ok"), r
+
+
+DISK_FILLER = """
+import time
+try:
+    with open('/work/fill', 'wb') as f:
+        for _ in range(32):
+            f.write(b'x' * (1 << 20))
+            f.flush()
+except OSError as e:
+    print('stopped:', e.strerror, flush=True)
+time.sleep(0.5)  # still running: the poll sees /work full
+"""
+
+
+def test_a_full_work_folder_is_reported_as_disk(aloop, uclient):
+    r = aloop.run(uclient.run(["python3", "-c", DISK_FILLER], limits={"work_dir_bytes": 8 << 20}))
+    assert r.exit_code == 0 and r.limits_hit == ["disk"], r
+    assert r.stdout == "stopped: No space left on device\n"
