@@ -33,6 +33,7 @@ from . import files as fsops
 from .executor import Executor, Handle, Outcome
 from .image import ImageError, resolve_image
 from .runtimes import SandboxArgumentError, check_env, check_path, make_runtime
+from .seccomp import SeccompUnavailable
 from .spec import Limits, SandboxSpec
 from .wire import MAX_MESSAGE, ServiceError
 
@@ -87,7 +88,10 @@ class SandboxServer(pb_grpc.SandboxServicer):
             raise ServiceError(f"the {spec.runtime} runtime needs `{binary}`, which is not installed here")
         self.runtime = make_runtime(spec.runtime, image, network=spec.network, binary=binary)
         self.image_names = {"", spec.image, str(image)}
-        self.executor = Executor()
+        try:
+            self.executor = Executor(use_seccomp=spec.runtime == "bwrap")
+        except SeccompUnavailable as e:
+            raise ServiceError(str(e)) from e
         self.node = node or socket.gethostname()
         self.max_concurrent = spec.max_concurrent or os.cpu_count() or 1
         self.pool = ThreadPoolExecutor(self.max_concurrent + 4, thread_name_prefix="sandbox")

@@ -98,6 +98,33 @@ def test_bwrap_network_and_host_workdir():
     assert a[a.index("--bind") + 1: a.index("--bind") + 3] == ["/state/s1", "/work"]
 
 
+def test_bwrap_side_channels_and_seccomp_program():
+    """bwrap gets its status pipe, its block pipe and the seccomp program; the launcher inherits the
+    ends it hands on, the server keeps the block pipe's writer and the report pipe's reader."""
+    from .runtimes import Control
+    from .seccomp import filter_program
+
+    control = Control.open(with_seccomp=True)
+    try:
+        launch = BwrapRuntime(image=Path("/img")).command(["true"], env={}, limits=L, control=control)
+        a = launch.argv
+        assert _pairs(a, "--json-status-fd") == [str(control.status_w)]
+        assert _pairs(a, "--block-fd") == [str(control.block_r)]
+        assert _pairs(a, "--seccomp") == [str(control.seccomp_fd)]
+        assert a.index("--seccomp") < a.index("--")  # options, not part of the command
+        assert os.pread(control.seccomp_fd, 1 << 16, 0) == filter_program()
+        assert len(filter_program()) % 8 == 0 and len(filter_program()) > 8 * 40  # sock_filter entries
+        assert set(control.child_fds()) == {control.status_r, control.status_w, control.block_r,
+                                            control.report_w, control.seccomp_fd}
+        assert launch.tmpfs == ["/tmp", "/dev/shm", "/work"]
+        cfg = control.launcher_config()
+        assert cfg["bwrap_status_fd"] == control.status_r and cfg["report_fd"] == control.report_w
+        assert sorted(cfg["bwrap_fds"]) == sorted([control.status_w, control.block_r, control.seccomp_fd])
+    finally:
+        control.close()
+    assert (control.status_r, control.block_w, control.report_r, control.seccomp_fd) == (-1, -1, -1, -1)
+
+
 @pytest.mark.parametrize("bad", ["", "/etc/passwd", "../x", "a/../../b", "a\0b", "."])
 def test_paths_must_stay_in_work(bad):
     with pytest.raises(SandboxArgumentError):

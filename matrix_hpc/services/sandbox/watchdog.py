@@ -51,11 +51,15 @@ def _stat_fields(pid: int) -> list[str]:
 
 
 def _pss_anon(pid: int) -> int:
+    """Proportional anonymous memory (``Anonymous``, not shared out, on kernels before 5.10)."""
+    fallback = 0
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
             if line.startswith("Pss_Anon:"):
                 return int(line.split()[1]) * 1024
-    return 0
+            if line.startswith("Anonymous:"):
+                fallback = int(line.split()[1]) * 1024
+    return fallback
 
 
 @dataclass
