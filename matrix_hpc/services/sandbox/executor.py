@@ -190,42 +190,27 @@ class Executor:
         if self.cgroups is not None:
             cg = self.cgroups.create(uuid.uuid4().hex[:12])
             cg.set_limits(memory_bytes=limits.memory_bytes, max_processes=limits.max_processes)
-        cfg = {"cgroup_procs": cg.procs_files() if cg else [], "rlimits": _rlimits(limits, cg is None)}
-        if launch.control is not None:
-            cfg.update(launch.control.launcher_config(), nproc=None if cg else limits.max_processes)
-        if self.uid is not None:
-            cfg.update(uid=self.uid, gid=self.gid)
         out = Outcome()
         start = time.monotonic()
         try:
-            argv = list(launch.argv)
-            argv[0] = shutil.which(argv[0]) or argv[0]
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", LAUNCHER, json.dumps(cfg), *argv],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                pass_fds=launch.pass_fds + (launch.control.child_fds() if launch.control else []),
-                close_fds=True,
-            )
+            proc = self._launch(launch, limits, cg)
         except OSError as e:
             if cg is not None:
                 cg.destroy()
             out.failed_to_start = f"could not start the sandbox: {e}"
             return out
-        launch.close_fds()
-        if launch.control is not None:
-            launch.control.close_child_ends()
         handle._attach(proc.pid, cg)
         hit: set[str] = set()
         # Without bwrap's report (Apptainer) the watchdog watches the runtime's whole tree.
         watch = TreeWatch(launch.tmpfs, None if launch.control else proc.pid)
         init_pidfd = None
+        exited = False
         try:
             if launch.control is not None:
                 init_pidfd = self._release(launch.control, limits, handle, watch, start)
-                if init_pidfd is None:
+                if init_pidfd is None and not handle.cancelled.is_set():
                     out.failed_to_start = "the sandbox could not be created"
-            exited = False
-            if not out.failed_to_start:
+            if launch.control is None or init_pidfd is not None:
                 ended = pump(proc, out, stdin=stdin, deadline=start + limits.wall_time_s,
                              max_output_bytes=limits.max_output_bytes, every=_POLL_S[self.mechanism],
                              cancelled=handle.cancelled,
@@ -245,31 +230,51 @@ class Executor:
                 out.stderr = _drain(proc.stderr)
             elif exited and launch.control is not None and not launch.control.command_ran():
                 out.failed_to_start = "bwrap could not set up the sandbox or execute the command"
-            for f in (proc.stdin, proc.stdout, proc.stderr):
-                try:
-                    f and f.close()
-                except OSError:
-                    pass
+            _close_pipes(proc)
             out.wall_time_s = time.monotonic() - start
-            if init_pidfd is not None and not _wait_pidfd(init_pidfd, 5.0):
-                out.error = "some sandbox processes could not be killed"
-            if cg is not None:
-                out.cpu_time_s = cg.cpu_time_s()
-                out.peak_memory_bytes = cg.peak_memory()
-                if cg.oom_killed():
-                    hit.add("memory")
-                if cg.pids_limit_hit():
-                    hit.add("processes")
-                if not cg.destroy():
-                    out.error = "some sandbox processes could not be killed"
-            else:
-                out.cpu_time_s = rusage.ru_utime + rusage.ru_stime
-                out.peak_memory_bytes = watch.peak_memory_bytes  # (ru_maxrss includes the server's fork)
-                if watch.peak_tasks >= limits.max_processes:
-                    hit.add("processes")
             if init_pidfd is not None:
+                if not _wait_pidfd(init_pidfd, 5.0):
+                    out.error = "some sandbox processes could not be killed"
                 os.close(init_pidfd)
+            self._account(out, cg, watch, rusage, limits, hit)
         return self._result(out, status, limits, hit, handle)
+
+    def _launch(self, launch: Launch, limits: Limits, cg: Cgroup | None) -> subprocess.Popen:
+        cfg = {"cgroup_procs": cg.procs_files() if cg else [], "rlimits": _rlimits(limits, cg is None)}
+        if launch.control is not None:
+            cfg.update(launch.control.launcher_config(), nproc=None if cg else limits.max_processes)
+        if self.uid is not None:
+            cfg.update(uid=self.uid, gid=self.gid)
+        argv = list(launch.argv)
+        argv[0] = shutil.which(argv[0]) or argv[0]
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", LAUNCHER, json.dumps(cfg), *argv],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            pass_fds=launch.pass_fds + (launch.control.child_fds() if launch.control else []),
+            close_fds=True,
+        )
+        launch.close_fds()
+        if launch.control is not None:
+            launch.control.close_child_ends()
+        return proc
+
+    def _account(self, out: Outcome, cg: Cgroup | None, watch: TreeWatch, rusage, limits: Limits,
+                 hit: set[str]) -> None:
+        """CPU, peak memory and the limits the counters saw; the cgroup is removed."""
+        if cg is not None:
+            out.cpu_time_s = cg.cpu_time_s()
+            out.peak_memory_bytes = cg.peak_memory()
+            if cg.oom_killed():
+                hit.add("memory")
+            if cg.pids_limit_hit():
+                hit.add("processes")
+            if not cg.destroy():
+                out.error = "some sandbox processes could not be killed"
+        else:
+            out.cpu_time_s = rusage.ru_utime + rusage.ru_stime  # the launcher's reaped tree
+            out.peak_memory_bytes = watch.peak_memory_bytes  # (ru_maxrss includes the server's fork)
+            if watch.peak_tasks >= limits.max_processes:
+                hit.add("processes")
 
     def _release(self, control: Control, limits: Limits, handle: Handle, watch: TreeWatch,
                  start: float) -> int | None:
@@ -369,6 +374,14 @@ def _wait_pidfd(pidfd: int, timeout_s: float) -> bool:
     with selectors.DefaultSelector() as sel:
         sel.register(pidfd, selectors.EVENT_READ)
         return bool(sel.select(timeout_s))
+
+
+def _close_pipes(proc: subprocess.Popen) -> None:
+    for f in (proc.stdin, proc.stdout, proc.stderr):
+        try:
+            f and f.close()
+        except OSError:
+            pass
 
 
 def _drain(pipe) -> bytes:
