@@ -67,11 +67,17 @@ def _start(user, argv: list[str]) -> subprocess.Popen:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(10)
+    """SIGTERM (the server removes its state), SIGKILL if it has not ended within 10 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _tasks_of(uid: int) -> int:
@@ -203,9 +209,22 @@ def test_a_2_gb_file_is_stopped_at_the_file_size_limit(aloop, uclient):
 
 
 def test_a_command_that_cannot_run_is_an_error_not_a_result(aloop, uclient):
-    with pytest.raises(ServiceError) as e:
-        aloop.run(uclient.run(["no-such-program"]))
-    assert e.value.code == "INTERNAL" and "no-such-program" in str(e.value)
+    async def go():
+        errors = []
+        with pytest.raises(ServiceError) as e:
+            await uclient.run(["no-such-program"])
+        errors.append(e.value)
+        async with await uclient.open_session() as s:
+            with pytest.raises(ServiceError) as e:
+                await s.exec(["no-such-program"])
+            errors.append(e.value)
+            after = await s.exec(["true"])  # the session is still usable
+        return errors, after
+
+    errors, after = aloop.run(go())
+    for err in errors:
+        assert err.code == "INTERNAL" and "execvp no-such-program" in str(err), err
+    assert after.ok
 
 
 PROBE = """
