@@ -1,4 +1,9 @@
-"""Read a job's dataset rows (JSONL or Parquet), streaming, in file order."""
+"""Read a job's dataset rows (JSONL or Parquet), streaming, in file order.
+
+Every row comes with where it is (``file:line`` for JSONL, ``file: row group G, row R`` for
+Parquet) so that an error about a row can name it. A row that cannot be read (invalid JSON,
+bytes that are not UTF-8, not an object) fails its own task only; the run goes on.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+Row = dict[str, Any]
+
 
 class RowError(Exception):
-    """A row that cannot be read; the task for it fails, the run goes on."""
+    """A row that cannot be read or turned into a task; the task for it fails, the run goes on."""
 
 
-def iter_rows(path: Path, limit: int | None = None) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
-    """Yield (row index, row) pairs; a row that cannot be parsed comes as a RowError."""
+def iter_rows(path: Path, limit: int | None = None) -> Iterator[tuple[int, Row | RowError, str]]:
+    """Yield (row index, row, location) triples; a row that cannot be parsed comes as a RowError."""
     rows = _parquet_rows(path) if path.suffix == ".parquet" else _jsonl_rows(path)
-    for index, row in enumerate(rows):
+    for index, (row, where) in enumerate(rows):
         if limit is not None and index >= limit:
             return
-        yield index, row
+        yield index, row, where
 
 
 def count_rows(path: Path, limit: int | None = None) -> int:
@@ -32,21 +39,54 @@ def count_rows(path: Path, limit: int | None = None) -> int:
     return n if limit is None else min(n, limit)
 
 
-def _jsonl_rows(path: Path) -> Iterator[dict[str, Any] | RowError]:
-    with path.open() as f:
+def row_failure(exc: BaseException, where: str, row_id: str | None) -> RowError:
+    """``exc`` (raised while turning a row into a task) as a RowError naming the row's place and id."""
+    what = str(exc) if isinstance(exc, RowError) else f"{type(exc).__name__}: {exc}"
+    who = f"row id {row_id!r}" if row_id is not None else "row without a readable id"
+    err = RowError(f"{where}: {who}: {what}")
+    err.__cause__ = exc
+    return err
+
+
+def parse_jsonl_line(line: bytes) -> Row | RowError:
+    """One JSONL line as a row, or the RowError saying why it is not one."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return RowError(f"not valid UTF-8: byte {line[e.start:e.start + 1]!r} at column {e.start + 1}")
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        return RowError(f"invalid JSON: {e.msg} (column {e.colno})")
+    return row if isinstance(row, dict) else RowError(f"a row must be a JSON object, not {type(row).__name__}")
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of every non-blank line; a UTF-8 byte order mark on line 1 is dropped."""
+    with path.open("rb") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield RowError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})")
-                continue
-            yield row if isinstance(row, dict) else RowError(f"{path}:{lineno}: a row must be a JSON object")
+            if lineno == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")
+            if line.strip():
+                yield lineno, line
 
 
-def _parquet_rows(path: Path) -> Iterator[dict[str, Any]]:
+def _jsonl_rows(path: Path) -> Iterator[tuple[Row | RowError, str]]:
+    for lineno, line in jsonl_lines(path):
+        yield parse_jsonl_line(line), f"{path}:{lineno}"
+
+
+def parquet_where(path: Path, group: int, row: int) -> str:
+    return f"{path}: row group {group}, row {row}"
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[Row, str]]:
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        yield from batch.to_pylist()
+    pf = pq.ParquetFile(path)
+    for group in range(pf.num_row_groups):
+        offset = 0
+        for batch in pf.iter_batches(batch_size=1024, row_groups=[group]):
+            for i, row in enumerate(batch.to_pylist()):
+                yield row, parquet_where(path, group, offset + i)
+            offset += batch.num_rows

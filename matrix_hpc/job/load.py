@@ -17,6 +17,7 @@ from google.protobuf import descriptor_pb2
 from pydantic import ValidationError
 
 from matrix_hpc.job.agents import resolve_agent, resolve_ref
+from matrix_hpc.job.dataset_checks import check_columns, dataset_digest
 from matrix_hpc.job.spec import JobSpec
 from matrix_hpc.job.yamlpos import JobFileError, YamlWithLines
 from matrix_hpc.protogen import ProtoCompileError, compile_protos, pool_from_descriptor_set
@@ -69,11 +70,12 @@ def load_job(path: str | Path, *, run_dir: str | Path | None = None) -> Job:
     dataset_path = _existing(doc, ("dataset", "path"), job_dir / spec.dataset.path, "dataset file")
     descriptor_set, generated = _compile_payload(doc, spec, job_dir)
     _check_payload_mapping(doc, spec, descriptor_set)
+    check_columns(doc, spec, dataset_path)
     _check_services(doc, spec)
     out = Path(run_dir) if run_dir else job_dir / spec.run.output_dir.format(job=spec.name)
     job = Job(spec, path, text, descriptor_set, generated, dataset_path, out.resolve())
     _check_agents(doc, job)
-    job.fingerprint = fingerprint(job)
+    job.fingerprint = fingerprint(job, dataset_digest(doc, spec, dataset_path, job.run_dir))
     return job
 
 
@@ -211,18 +213,13 @@ def _sha(*chunks: bytes) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint(job: Job) -> dict[str, str]:
-    """What changes results: the job spec, the agent code, the payload protos, the dataset's identity."""
+def fingerprint(job: Job, dataset_digest: str) -> dict[str, str]:
+    """What changes results: the job spec, the agent code, the payload protos, the dataset's content."""
     code = sorted(p for p in job.dir.rglob("*.py") if "runs" not in p.relative_to(job.dir).parts)
     protos = sorted(job.dir.rglob("*.proto"))
-    st = job.dataset_path.stat()
-    with job.dataset_path.open("rb") as f:
-        head = f.read(1 << 20)
-        f.seek(max(0, st.st_size - (1 << 20)))
-        tail = f.read()
     return {
         "job_spec": _sha(job.yaml_text.encode()),
         "agent_code": _sha(*(p.relative_to(job.dir).as_posix().encode() + p.read_bytes() for p in code)),
         "proto": _sha(*(p.read_bytes() for p in protos)),
-        "dataset": _sha(str(st.st_size).encode(), head, tail),
+        "dataset": dataset_digest,
     }

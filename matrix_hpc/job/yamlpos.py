@@ -16,16 +16,13 @@ class YamlWithLines:
         self.filename = filename
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
+            # safe_load refuses tags that would construct Python objects (!!python/object ...)
+            self.data: Any = yaml.safe_load(text) if node is not None else {}
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{filename}:{mark.line + 1}" if mark else filename
-            raise JobFileError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+            raise JobFileError(_yaml_problem(e, filename)) from None
         self.lines: dict[Path_, int] = {}
-        if node is None:
-            self.data: Any = {}
-            return
-        self._index(node, ())
-        self.data = yaml.safe_load(text)
+        if node is not None:
+            self._index(node, ())
 
     def _index(self, node: yaml.Node, path: Path_) -> None:
         self.lines[path] = node.start_mark.line + 1
@@ -48,6 +45,14 @@ class YamlWithLines:
     def where(self, path: Path_) -> str:
         field = ".".join(str(p) for p in path) or "(top level)"
         return f"{self.filename}:{self.line_of(path)}: {field}"
+
+
+def _yaml_problem(e: yaml.YAMLError, filename: str) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f"{filename}:{mark.line + 1}" if mark else filename
+    if isinstance(e, yaml.constructor.ConstructorError):
+        return f"{where}: YAML tag not allowed here: {e.problem} (job files hold plain data: no Python objects)"
+    return f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}"
 
 
 class JobFileError(Exception):

@@ -59,13 +59,18 @@ def _resume(args: argparse.Namespace) -> int:
 
 def _execute(job_path: Path, run_dir: Path | None, args: argparse.Namespace) -> int:
     from matrix_hpc.job.load import load_job
-    from matrix_hpc.runtime.driver import ResumeRefused, run
+    from matrix_hpc.runtime.driver import run
+    from matrix_hpc.runtime.preflight import ResumeRefused, preflight
 
     try:
         job = load_job(job_path, run_dir=run_dir)
-    except JobFileError as e:
+        nothing_to_do = preflight(job, force=args.force)  # before Ray starts
+    except (JobFileError, ResumeRefused) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if nothing_to_do:
+        print(nothing_to_do)
+        return 0
     try:
         summary = run(job, force=args.force, progress=not args.no_progress)
     except ResumeRefused as e:

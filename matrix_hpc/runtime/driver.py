@@ -24,6 +24,7 @@ from matrix_hpc.job.dataset import count_rows
 from matrix_hpc.job.load import Job, load_job
 from matrix_hpc.runtime.agent_actor import AgentActor
 from matrix_hpc.runtime.message import Task
+from matrix_hpc.runtime.preflight import ResumeRefused, refuse_if_changed  # noqa: F401 - ResumeRefused re-exported
 from matrix_hpc.runtime.progress import Progress, percentiles
 from matrix_hpc.runtime.services import deploy_all, shutdown_all
 from matrix_hpc.runtime.sink import SinkActor
@@ -34,10 +35,6 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 0.1
 _HEALTH_S = 1.0
-
-
-class ResumeRefused(Exception):
-    """The run directory belongs to a different job (its fingerprint changed)."""
 
 
 @dataclass
@@ -101,12 +98,7 @@ def open_store(job: Job, *, force: bool) -> tuple[RunStore, bool]:
         store = RunStore.create(job.run_dir, job_yaml=job.yaml_text, descriptor_set=job.descriptor_set,
                                 payload_type=job.payload_type, fingerprint=job.fingerprint, total_tasks=total)
         return store, False
-    changed = store.fingerprint_changes(job.fingerprint)
-    if changed and not force:
-        raise ResumeRefused(
-            f"{job.run_dir} was made by a different job: changed since: {', '.join(changed)}. "
-            "Use another output directory, or --force to resume anyway."
-        )
+    refuse_if_changed(store, job, force=force)
     return store, True
 
 

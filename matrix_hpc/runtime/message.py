@@ -9,7 +9,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from matrix_hpc.job.dataset import RowError
+from matrix_hpc.job.dataset import RowError, row_failure
 from matrix_hpc.job.spec import DONE
 from matrix_hpc.v1 import task_pb2
 
@@ -54,7 +54,7 @@ class TaskFactory:
             return str(index)
         return str(row[field])
 
-    def new(self, index: int, row: dict[str, Any] | RowError, trial: int) -> Task:
+    def new(self, index: int, row: dict[str, Any] | RowError, trial: int, where: str = "") -> Task:
         rid = self.row_id(index, row)
         tid = task_id(rid, trial)
         task = Task(task_id=tid, row_index=index, row_id=rid, trial=trial, status=RUNNING,
@@ -66,10 +66,11 @@ class TaskFactory:
                 raise row
             field = self.spec.dataset.id_field
             if field is not None and field not in row:
-                raise RowError(f"row {index} has no id field {field!r}")
+                raise RowError(f"no id field {field!r}")
             task.payload.Pack(self._payload(row))
         except Exception as e:  # noqa: BLE001 - a bad row fails its own task only
-            set_error(task, "source", e)
+            known = self.spec.dataset.id_field is None or (isinstance(row, dict) and self.spec.dataset.id_field in row)
+            set_error(task, "source", row_failure(e, where or f"row {index}", rid if known else None))
         return task
 
     def _payload(self, row: dict[str, Any]):

@@ -40,13 +40,13 @@ class SourceActor(ActorBase):
             task = Task.FromString(data)
             yield task.task_id, task.next_role, data
         trials = self.job.spec.dataset.trials
-        for index, row in iter_rows(self.job.dataset_path, self.job.spec.dataset.limit):
+        for index, row, where in iter_rows(self.job.dataset_path, self.job.spec.dataset.limit):
             rid = self.factory.row_id(index, row)
             for trial in range(trials):
                 if task_id(rid, trial) in self.skip:
                     self.skipped += 1
                     continue
-                task = self.factory.new(index, row, trial)
+                task = self.factory.new(index, row, trial, where)
                 yield task.task_id, task.next_role, task.SerializeToString()
 
     async def start(self) -> None:
