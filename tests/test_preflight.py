@@ -1,0 +1,59 @@
+"""`run` and `resume` check the run directory before Ray starts: a changed dataset is refused,
+a finished run says so. RAY_ADDRESS points at a port nobody listens on, so reaching Ray at
+all would fail (or hang until the deadline) instead of passing."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import deadline
+from matrix_hpc.v1 import task_pb2
+
+from matrix_hpc import load_job
+from matrix_hpc.cli import main
+from matrix_hpc.runtime.driver import open_store
+
+AGENTS = "from matrix_hpc import DONE\nasync def f(item, ctx):\n    return DONE\n"
+ROLES = {"f": {"agent": "agents:f"}}
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
+
+
+def test_resume_after_editing_a_middle_row_is_refused_before_ray(make_job, no_ray, capsys):
+    path = make_job(AGENTS, ROLES, "f", rows=200)
+    job = load_job(path)
+    open_store(job, force=False)  # the run as `run` creates it
+    data = path.parent / "data.jsonl"
+    data.write_text(data.read_text().replace('"row 100"', '"row 1OO"'))  # same size
+    with deadline(30):
+        assert main(["resume", str(job.run_dir), "--job", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {job.run_dir} was made by a different job: changed since: dataset. "
+                   "Use another output directory, or --force to resume anyway.\n")
+
+
+def test_a_finished_run_says_it_is_complete_before_ray(make_job, no_ray, capsys):
+    path = make_job(AGENTS, ROLES, "f", rows=3)
+    job = load_job(path)
+    store, _ = open_store(job, force=False)
+    writer = store.writer("w0")
+    for i, status in enumerate([task_pb2.TASK_STATUS_DONE, task_pb2.TASK_STATUS_FAILED, task_pb2.TASK_STATUS_DONE]):
+        writer.append(f"r{i}#0", i, status, task_pb2.Task(task_id=f"r{i}#0").SerializeToString())
+    writer.flush()
+    with deadline(30):
+        assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out == (f"{job.run_dir}: this run is already complete: 2 done, 1 failed of 3 tasks; nothing to run.\n"
+                   f"export: matrix-hpc export {job.run_dir} --format jsonl\n")
+
+
+def test_a_fresh_run_dir_gets_the_dataset_digest_so_resume_reads_nothing(make_job, no_ray):
+    from matrix_hpc.job.dataset_checks import DIGEST_CACHE
+    from matrix_hpc.runtime.preflight import preflight
+
+    job = load_job(make_job(AGENTS, ROLES, "f", rows=3))
+    assert not job.run_dir.exists()
+    assert preflight(job, force=False) is None
+    assert (job.run_dir / DIGEST_CACHE).read_text().count(job.fingerprint["dataset"]) == 1
