@@ -25,7 +25,8 @@ from matrix_hpc.job.load import Job, load_job
 from matrix_hpc.runtime.agent_actor import AgentActor
 from matrix_hpc.runtime.message import Task
 from matrix_hpc.runtime.preflight import ResumeRefused, refuse_if_changed  # noqa: F401 - ResumeRefused re-exported
-from matrix_hpc.runtime.progress import Progress, percentiles
+from matrix_hpc.runtime.proctitle import titled
+from matrix_hpc.runtime.progress import Terminal, describe_actors, percentiles
 from matrix_hpc.runtime.services import deploy_all, shutdown_all
 from matrix_hpc.runtime.sink import SinkActor
 from matrix_hpc.runtime.source import SourceActor
@@ -68,10 +69,15 @@ def run(job: Job | str | Path, *, run_dir: str | Path | None = None, force: bool
         job = load_job(job, run_dir=run_dir)
     elif run_dir is not None:
         job.run_dir = Path(run_dir).resolve()
-    started_ray = _ensure_ray()
+    runner = _Run(job, force=force, progress=progress)  # opens the store: a refusal comes before Ray
+    started_ray = False
     try:
-        return _Run(job, force=force, progress=progress).execute(on_start)
+        runner.term.phase("starting Ray")
+        started_ray = _ensure_ray()
+        runner.term.capture(job.run_dir / "logs")  # Ray's worker output goes to logs/run.log
+        return runner.execute(on_start)
     finally:
+        runner.term.close()
         if started_ray:
             ray.shutdown()
 
@@ -109,6 +115,7 @@ class _Run:
         self.store, self.resuming = open_store(job, force=force)
         self.id = uuid.uuid4().hex[:8]
         self.show_progress = progress
+        self.term = Terminal(enabled=progress)
         self.recovered = self.checkpoints = 0
         self.snapshot_requested = threading.Event()
         self.processing_s = 0.0
@@ -124,17 +131,19 @@ class _Run:
     def _start_actors(self, endpoints: dict, restore: list[bytes], skip: set[str]) -> None:
         directory = self._names()
         opts = {"max_concurrency": 10_000}
-        self.source = ray.remote(SourceActor).options(
+        self.term.phase(describe_actors(self.spec))
+        label = f"{self.spec.name}:{self.id}"
+        self.source = ray.remote(titled(SourceActor, "source", label)).options(
             name=f"{self.id}/source", num_cpus=0, **opts).remote(self.job, directory, skip, restore)
         self.sinks = [
-            ray.remote(SinkActor).options(name=name, num_cpus=0, max_restarts=-1, **opts)
+            ray.remote(titled(SinkActor, "sink", label)).options(name=name, num_cpus=0, max_restarts=-1, **opts)
             .remote(self.job, f"{self.id}-sink-{i}", directory, f"{self.id}/source", str(self.job.run_dir), endpoints)
             for i, name in enumerate(directory["done"])
         ]
         self.agents = {
             role: [
-                ray.remote(AgentActor).options(name=name, num_cpus=rs.num_cpus, num_gpus=rs.num_gpus,
-                                               max_restarts=-1, **opts)
+                ray.remote(titled(AgentActor, role, label))
+                .options(name=name, num_cpus=rs.num_cpus, num_gpus=rs.num_gpus, max_restarts=-1, **opts)
                 .remote(self.job, role, directory, endpoints)
                 for name in directory[role]
             ]
@@ -155,7 +164,8 @@ class _Run:
         self.store.log_event("resumed" if self.resuming else "started", restored=len(restore),
                              committed=len(committed), run_id=self.id)
         t0 = time.monotonic()
-        self.endpoints = endpoints = deploy_all(self.spec.services, self.job.dir)
+        deploying = lambda kind, name: self.term.phase(f"deploying {kind} service {name!r}")  # noqa: E731
+        self.endpoints = endpoints = deploy_all(self.spec.services, self.job.dir, on_deploy=deploying)
         interrupted = False
         try:
             self._start_actors(endpoints, restore, skip)
@@ -185,7 +195,7 @@ class _Run:
 
     def _loop(self, already: int) -> bool:
         """Run until every task is committed (True) or Ctrl-C (False, after a checkpoint)."""
-        progress = Progress(self.store.total_tasks, already, enabled=self.show_progress)
+        progress = self.term.progress(self.store.total_tasks, already)
         started = time.monotonic()
         ray.get(self.source.start.remote())
         last_checkpoint = last_health = time.monotonic()

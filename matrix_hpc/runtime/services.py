@@ -5,6 +5,7 @@ The kinds that exist are listed in ``matrix_hpc.services``; agents see them thro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,19 @@ from matrix_hpc.services import service_package, spec_class
 Endpoints = dict[str, dict[str, Any]]  # kind -> name -> endpoint
 
 
-def deploy_all(services: dict[str, dict[str, dict]], base_dir: Path) -> Endpoints:
-    """Start every declared service (Ray actors); stop the ones already started if one fails."""
+def deploy_all(services: dict[str, dict[str, dict]], base_dir: Path,
+               on_deploy: Callable[[str, str], None] | None = None) -> Endpoints:
+    """Start every declared service (Ray actors); stop the ones already started if one fails.
+
+    ``on_deploy(kind, name)`` is called as each one starts (the driver shows it as a phase)."""
     endpoints: Endpoints = {}
     try:
         for kind, entries in services.items():
             pkg = service_package(kind)
             for name, settings in (entries or {}).items():
                 spec = spec_class(kind).model_validate(settings or {})
+                if on_deploy:
+                    on_deploy(kind, name)
                 endpoints.setdefault(kind, {})[name] = pkg.deploy(name, spec, base_dir=base_dir)
     except BaseException:
         shutdown_all(endpoints)

@@ -1,0 +1,63 @@
+"""Ray's worker output (``log_to_driver``) and its error messages ("A worker died ...") into a
+file instead of the driver's terminal.
+
+Ray prints both through ``ray._private.worker``: the log lines through a handler of its
+stdstream dispatcher, the error messages through ``print_to_stdstream``. Ray has no public
+switch that sends them to a file, so this swaps those two for the time of a run and puts
+them back afterwards. If a later Ray renames them, nothing is swapped and Ray prints as usual.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from typing import TextIO
+
+_HANDLER = "ray_print_logs"
+_WARNING_LINE = re.compile(r"^\s*(\(.*?\)\s*)?(WARNING|ERROR|CRITICAL)\b|Traceback \(most recent call last\)")
+
+
+class RayOutputToFile:
+    def __init__(self, stream: TextIO, on_warning: Callable[[str], None]):
+        self.stream = stream
+        self.on_warning = on_warning
+        self.lock = threading.Lock()
+        self._saved: tuple | None = None
+
+    def install(self) -> None:
+        try:
+            import ray._private.worker as worker
+
+            dispatcher = worker.global_worker_stdstream_dispatcher
+            handler = dict(dispatcher.handlers).get(_HANDLER)
+            printer = worker.print_to_stdstream
+        except (ImportError, AttributeError):
+            return
+        if handler is not None:
+            dispatcher.remove_handler(_HANDLER)
+            dispatcher.add_handler(_HANDLER, self.write)
+        worker.print_to_stdstream = self.write
+        self._saved = (worker, dispatcher, handler, printer)
+
+    def uninstall(self) -> None:
+        if self._saved is None:
+            return
+        worker, dispatcher, handler, printer = self._saved
+        worker.print_to_stdstream = printer
+        if handler is not None:
+            dispatcher.remove_handler(_HANDLER)
+            dispatcher.add_handler(_HANDLER, handler)
+        self._saved = None
+
+    def write(self, data: dict, ignore_prefix: bool = False) -> None:
+        """Ray's batch of lines from one process: ``{"lines", "pid", "actor_name", "task_name", ...}``."""
+        who = data.get("actor_name") or data.get("task_name") or ""
+        prefix = "" if ignore_prefix else f"({who} pid={data.get('pid')}) " if who else f"({data.get('pid')}) "
+        is_ray_error = data.get("pid") == "raylet"
+        with self.lock:
+            for line in data.get("lines", []):
+                if not self.stream.closed:
+                    self.stream.write(f"{prefix}{line}\n")
+                if is_ray_error or _WARNING_LINE.search(line):
+                    self.on_warning(line)
