@@ -53,5 +53,6 @@ test: setup lint
 bench: setup
 	$(PY) benchmarks/bench_runtime.py
 	$(PY) benchmarks/bench_store.py
+	$(PY) benchmarks/bench_dataset.py
 	$(PY) benchmarks/bench_llm.py
 	$(PY) benchmarks/bench_sandbox.py

@@ -34,8 +34,7 @@ def count_rows(path: Path, limit: int | None = None) -> int:
 
         n = pq.ParquetFile(path).metadata.num_rows
     else:
-        with path.open("rb") as f:
-            n = sum(1 for line in f if line.strip())
+        n = sum(1 for _ in jsonl_lines(path))
     return n if limit is None else min(n, limit)
 
 

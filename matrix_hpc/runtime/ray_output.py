@@ -43,12 +43,14 @@ class RayOutputToFile:
     def uninstall(self) -> None:
         if self._saved is None:
             return
-        worker, dispatcher, handler, printer = self._saved
+        with self.lock:  # a batch being written finishes first; later ones are dropped, not written
+            worker, dispatcher, handler, printer = self._saved
+            self._saved = None
+        # outside our lock: Ray calls write() holding its dispatcher's lock, which this takes
         worker.print_to_stdstream = printer
         if handler is not None:
             dispatcher.remove_handler(_HANDLER)
             dispatcher.add_handler(_HANDLER, handler)
-        self._saved = None
 
     def write(self, data: dict, ignore_prefix: bool = False) -> None:
         """Ray's batch of lines from one process: ``{"lines", "pid", "actor_name", "task_name", ...}``."""
@@ -56,8 +58,9 @@ class RayOutputToFile:
         prefix = "" if ignore_prefix else f"({who} pid={data.get('pid')}) " if who else f"({data.get('pid')}) "
         is_ray_error = data.get("pid") == "raylet"
         with self.lock:
+            if self._saved is None:
+                return
             for line in data.get("lines", []):
-                if not self.stream.closed:
-                    self.stream.write(f"{prefix}{line}\n")
+                self.stream.write(f"{prefix}{line}\n")
                 if is_ray_error or _WARNING_LINE.search(line):
                     self.on_warning(line)
