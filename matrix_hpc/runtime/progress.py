@@ -97,6 +97,7 @@ class Terminal:
         self.log_file: Path | None = None
         self._phase: tuple[str, float] | None = None
         self._status = None
+        self._progress: Progress | None = None
         self._undo: list = []
 
     # -- start-up phases ------------------------------------------------------------------------
@@ -155,17 +156,20 @@ class Terminal:
     # -- the run --------------------------------------------------------------------------------
     def progress(self, total: int, already: int) -> Progress:
         self._end_phase()
-        return Progress(total, already, enabled=self.enabled, console=self.console, warnings=self.warnings,
-                        log_file=self.log_file)
+        self._progress = Progress(total, already, enabled=self.enabled, console=self.console,
+                                  warnings=self.warnings, log_file=self.log_file)
+        return self._progress
 
     def close(self) -> None:
-        """End the last phase, put Ray's output back, and print the warnings summary."""
+        """End the last phase and the display, put Ray's output back, print the warnings summary
+        (also with the display off: it is the terminal's only word about them)."""
         self._end_phase()
+        if self._progress is not None:
+            self._progress.close()
         while self._undo:
             self._undo.pop()()
-        if self.enabled:
-            for line in self.warnings.lines(self.log_file):
-                self.console.print(line, style="yellow", markup=False)
+        for line in self.warnings.lines(self.log_file):
+            self.console.print(line, style="yellow", markup=False)
 
 
 class Progress:
