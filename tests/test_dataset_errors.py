@@ -10,9 +10,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import deadline
 from matrix_hpc.v1 import task_pb2
 
-from conftest import deadline
 from matrix_hpc import load_job, run
 from matrix_hpc.job.dataset import iter_rows
 from matrix_hpc.job.dataset_checks import DIGEST_CACHE

@@ -5,9 +5,9 @@ all would fail (or hang until the deadline) instead of passing."""
 from __future__ import annotations
 
 import pytest
+from conftest import deadline
 from matrix_hpc.v1 import task_pb2
 
-from conftest import deadline
 from matrix_hpc import load_job
 from matrix_hpc.cli import main
 from matrix_hpc.runtime.driver import open_store

@@ -11,7 +11,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from conftest import deadline
+
 from matrix_hpc import load_job, run
 from matrix_hpc.runtime.progress import Terminal
 
@@ -77,6 +79,7 @@ def test_actor_processes_are_named_by_run_and_role(ray_session, make_job):
     assert roles == Counter({"f": 2, "g": 1, "sink": 1, "source": 1}), titles
 
 
+@pytest.mark.slow  # its own Ray, started by `matrix-hpc run` in a subprocess
 def test_a_run_shows_phases_and_keeps_ray_worker_output_in_the_run_log(make_job):
     path = make_job(NOISY, ROLES, "f", rows=40)
     env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(Path(__file__).resolve().parents[1]))}
