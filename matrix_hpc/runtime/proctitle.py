@@ -6,7 +6,10 @@ call runs), so each pool gets a subclass whose name says which job, run and role
 
 from __future__ import annotations
 
+from functools import cache
 
+
+@cache  # one class per pool: Ray exports each class once
 def titled(actor_class: type, role: str, run_label: str) -> type:
     """A subclass of ``actor_class`` that Ray (ps, logs, the dashboard) shows as ``role[run_label]``."""
     name = f"{role}[{run_label}]"
