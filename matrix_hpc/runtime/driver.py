@@ -77,9 +77,9 @@ def run(job: Job | str | Path, *, run_dir: str | Path | None = None, force: bool
         runner.term.capture(job.run_dir / "logs")  # Ray's worker output goes to logs/run.log
         return runner.execute(on_start)
     finally:
-        runner.term.close()
         if started_ray:
-            ray.shutdown()
+            ray.shutdown()  # first: worker output that arrives late still goes to the log file
+        runner.term.close()
 
 
 def _ensure_ray() -> bool:

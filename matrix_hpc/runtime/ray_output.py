@@ -48,7 +48,7 @@ class RayOutputToFile:
             self._saved = None
         # outside our lock: Ray calls write() holding its dispatcher's lock, which this takes
         worker.print_to_stdstream = printer
-        if handler is not None:
+        if handler is not None and _HANDLER in dict(dispatcher.handlers):  # ray.shutdown() removes it
             dispatcher.remove_handler(_HANDLER)
             dispatcher.add_handler(_HANDLER, handler)
 
