@@ -113,9 +113,11 @@ def export_schema(payload: Descriptor, *, failed: bool) -> pa.Schema:
 
 def export_row(task: task_pb2.Task, payload_msg, *, failed: bool) -> dict:
     row = message_row(payload_msg)
-    env = message_row(task)
     for name in ([*META_FIELDS, "error"] if failed else META_FIELDS):
-        row[_meta_name(name, payload_msg.DESCRIPTOR)] = env[name]
+        # only these fields: the envelope's payload (an Any) may name a type the default pool lacks
+        f = _ENVELOPE.fields_by_name[name]
+        unset = f.message_type is not None and not task.HasField(name)
+        row[_meta_name(name, payload_msg.DESCRIPTOR)] = None if unset else _value(f, getattr(task, name), ())
     return row
 
 
