@@ -7,7 +7,7 @@ CACHE ?= $(CURDIR)/.cache
 export MATRIX_HPC_CACHE := $(CACHE)
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
-JOB ?= jobs/dialogue/job.yaml
+JOB ?= jobs/code_verify/job.yaml
 
 .PHONY: setup system venv model image run test lint protos bench
 
