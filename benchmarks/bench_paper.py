@@ -67,11 +67,13 @@ class Engine:
     def __init__(self, llm_settings: dict):
         self.endpoint = deploy("smol", LLMSpec.model_validate(llm_settings), base_dir=JOB_DIR)
 
-    def generated_tokens(self) -> int:
+    def tokens(self) -> tuple[int, int]:
+        """(generated, prompt) tokens the engine has processed so far."""
         async def ask():
-            return (await self.endpoint.client().model_info())[0]["stats"]["generation_tokens"]
+            return (await self.endpoint.client().model_info())[0]["stats"]
 
-        return asyncio.run(ask())
+        stats = asyncio.run(ask())
+        return stats["generation_tokens"], stats["prompt_tokens"]
 
 
 def prepared_job(rows: int, concurrency: int, out: Path):
@@ -149,14 +151,16 @@ def matrix(job, engine: Engine) -> tuple[int, float]:
     return summary.done, summary.processing_s
 
 
-def measure(engine: Engine, fn) -> tuple[float, int, float]:
-    """(tokens/s, tokens, seconds) of one phase; ``fn`` returns its own seconds or None."""
-    before = engine.generated_tokens()
+def measure(engine: Engine, fn) -> tuple[float, int, float, int]:
+    """(generated tokens/s, generated tokens, seconds, prompt tokens) of one phase; ``fn`` returns
+    its own seconds or None (then the phase's wall time counts)."""
+    generated0, prompt0 = engine.tokens()
     t0 = time.perf_counter()
     own = fn()
     seconds = own if own is not None else time.perf_counter() - t0
-    tokens = engine.generated_tokens() - before
-    return tokens / seconds, tokens, seconds
+    generated1, prompt1 = engine.tokens()
+    tokens = generated1 - generated0
+    return tokens / seconds, tokens, seconds, prompt1 - prompt0
 
 
 def main() -> int:
@@ -182,7 +186,7 @@ def main() -> int:
         services = {"llm": {"smol": engine.endpoint}}
         warm = prepared_job(2, 2, tmp / "warm")
         engine_direct(warm, agents, services, 2)  # warm the engine and this process's channels
-        results: dict[str, list[tuple[float, int, float]]] = {"a": [], "b": [], "c": []}
+        results: dict[str, list[tuple[float, int, float, int]]] = {"a": [], "b": [], "c": []}
         for i in range(args.repeat):
             job = prepared_job(args.rows, concurrency, tmp / f"r{i}")
             phases = {"c": partial(engine_direct, job, agents, services, concurrency),
@@ -192,8 +196,9 @@ def main() -> int:
             for k in order:
                 results[k].append(measure(engine, phases[k]))
             for k, name in (("a", "matrix-hpc"), ("b", "batch-synchronous"), ("c", "engine direct")):
-                rate, tokens, seconds = results[k][-1]
-                print(f"  round {i + 1}: ({k}) {name:<18} {rate:7.1f} tokens/s  ({tokens} tokens in {seconds:.1f} s)")
+                rate, tokens, seconds, prompt = results[k][-1]
+                print(f"  round {i + 1}: ({k}) {name:<18} {rate:7.1f} tokens/s  ({tokens} tokens in {seconds:.1f} s; "
+                      f"{prompt} prompt tokens)")
         best = {k: max(v)[0] for k, v in results.items()}
         print(json.dumps({"tokens_per_s": best, "a_over_b": round(best["a"] / best["b"], 2),
                           "a_over_c": round(best["a"] / best["c"], 3), "load_after": os.getloadavg()[0]}))
