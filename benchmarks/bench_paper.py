@@ -141,7 +141,7 @@ def engine_direct(job, agents, services, concurrency: int) -> None:
 def matrix(job, engine: Engine) -> tuple[int, float]:
     """(a): the runtime, with the job's `smol` service being the shared engine."""
     real_deploy, real_shutdown = driver.deploy_all, driver.shutdown_all
-    driver.deploy_all = lambda services, base_dir: {"llm": {"smol": engine.endpoint}}
+    driver.deploy_all = lambda services, base_dir, **kwargs: {"llm": {"smol": engine.endpoint}}
     driver.shutdown_all = lambda endpoints: None
     try:
         summary = run(job, progress=False)

@@ -46,9 +46,9 @@ def sharing_llm(endpoint, monkeypatch):
     """Runs deploy their sandboxes as usual but get ``endpoint`` for `smol` instead of a new engine."""
     real_deploy, real_shutdown = driver.deploy_all, driver.shutdown_all
 
-    def deploy_all(services, base_dir):
+    def deploy_all(services, base_dir, **kwargs):
         assert services["llm"] == {"smol": SMOL}, "the jobs declare the engine this module shares"
-        endpoints = real_deploy({k: v for k, v in services.items() if k != "llm"}, base_dir)
+        endpoints = real_deploy({k: v for k, v in services.items() if k != "llm"}, base_dir, **kwargs)
         return {**endpoints, "llm": {"smol": endpoint}}
 
     def shutdown_all(endpoints):
