@@ -89,7 +89,8 @@ def prepared_job(rows: int, concurrency: int, out: Path):
 def tasks_of(job) -> list:
     """The exact task envelopes (ids, seeds, payloads) the runtime's source would make."""
     factory = TaskFactory(job.spec, payload_class(job), None)
-    return [factory.new(i, row, 0) for i, row in iter_rows(job.dataset_path, job.spec.dataset.limit)]
+    rows = iter_rows(job.dataset_path, job.spec.dataset.limit)
+    return [factory.new(index, row, 0, where) for index, row, where in rows]
 
 
 def unpacked(task, cls):
