@@ -211,6 +211,7 @@ async def second(item, ctx):
     assert Counter(t.task_id for t, _ in got) == Counter({f"r{i}#0": 1 for i in range(300)})
     assert all(t.status == task_pb2.TASK_STATUS_DONE and list(p.path) == ["first", "second"] for t, p in got)
     assert summary.recovered >= 1
+    assert summary.actor_restarts == 1 and summary.done == summary.done_total == 300
 
 
 def test_python_api_accepts_a_path(ray_session, make_job):

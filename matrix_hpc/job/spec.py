@@ -77,7 +77,8 @@ class RoleSpec(_Strict):
     num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per actor (agents mostly wait on services)")
     num_gpus: float = Field(0.0, ge=0)
     concurrency: int = Field(64, ge=1, description="steps one actor runs at once")
-    step_timeout_s: float | None = Field(None, gt=0, description="a step running longer fails (and is retried)")
+    step_timeout_s: float | None = Field(
+        600.0, gt=0, description="a step running longer fails (and is retried); null: no limit")
     retry: RetrySpec | None = Field(None, description="overrides run.retry for this role")
 
     @field_validator("agent")
@@ -95,6 +96,8 @@ class RunSpec(_Strict):
     checkpoint_interval_s: float = Field(60.0, gt=0, description="snapshot in-flight tasks this often")
     commit_interval_s: float = Field(1.0, gt=0, description="a finished row is durable within about this")
     large_payload_bytes: int = Field(256 * 1024, ge=1024, description="larger messages go by object reference")
+    max_failed_fraction: float = Field(
+        0.0, ge=0, le=1, description="failed tasks tolerated (a fraction of all) before the exit status says failed")
 
 
 class SlurmSpec(_Strict):

@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 from google.protobuf import descriptor_pool, message_factory
 
@@ -20,10 +21,18 @@ from matrix_hpc.job.agents import resolve_agent
 from matrix_hpc.job.load import Job
 from matrix_hpc.job.spec import DONE
 from matrix_hpc.runtime.context import Context
-from matrix_hpc.runtime.message import DONE_STATUS, Task, set_error
+from matrix_hpc.runtime.message import DONE_STATUS, Task, set_error, undeliverable
 from matrix_hpc.runtime.router import Directory, Router, resolve
 
 _LATENCY_SAMPLES = 4096
+SLOW_FACTOR = 20  # a step this many times its role's median latency is reported as slow
+SLOW_MIN_S = 10.0
+SERVICE_WAIT_S = 120.0  # how long a step waits for an unavailable service (a restarting replica)
+SERVICE_BACKOFF_MAX_S = 5.0
+
+
+class StepTimeout(TimeoutError):
+    """A step ran past its role's ``step_timeout_s``."""
 
 
 def payload_class(job: Job) -> type:
@@ -42,7 +51,7 @@ class ActorBase:
 
     def __init__(self, job: Job, directory: Directory):
         self.incarnation = uuid.uuid4().hex
-        self.router = Router(directory, job.spec.run.large_payload_bytes)
+        self.router = Router(directory, job.spec.run.large_payload_bytes, on_undeliverable=undeliverable)
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     async def ping(self) -> str:
@@ -70,8 +79,12 @@ class AgentActor(ActorBase):
         self.logger = logging.getLogger(f"matrix_hpc.agent.{role}")
         self.inbox: deque[bytes] = deque()
         self.active: dict[str, bytes] = {}  # task id -> message before the running step
-        self.steps = self.failures = self.retries = 0
+        self.steps = self.failures = self.retries = self.service_waits = 0
         self.latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
+        self.started: dict[str, tuple[int, float]] = {}  # task id -> (step, start) of running steps
+        self.reported_slow: set[tuple[str, int]] = set()
+        # Synchronous agents run here: as many threads as steps may run at once.
+        self.pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"{role}-step")
 
     async def deliver(self, items: list) -> int:
         self.inbox.extend(await resolve(items))
@@ -94,21 +107,29 @@ class AgentActor(ActorBase):
             set_error(task, self.role, e)
         finally:
             del self.active[task.task_id]
+            self.started.pop(task.task_id, None)
             self.router.route(task.next_role, task.SerializeToString())
             self._pump()
 
     async def _step(self, task: Task, data: bytes) -> Task:
         """Run the step, retrying per policy; return the task as it leaves this actor."""
-        attempt = 0
+        attempt, waited = 0, 0.0
         while True:
             payload = self.payload_cls()
             task.payload.Unpack(payload)
             t0 = time.perf_counter()
+            self.started[task.task_id] = (task.step, time.monotonic())
             try:
                 nxt = await self._call(payload, Context(task, self.role, self.services, self.logger))
             except Exception as e:  # noqa: BLE001 - the job's code failed; retry per policy
-                attempt += 1
                 self.latencies.append(time.perf_counter() - t0)
+                more = await self._wait_for_service(e, waited)
+                if more is not None:  # a service was down: try again, not counted as an attempt
+                    waited = more
+                    task = Task.FromString(data)
+                    continue
+                waited = SERVICE_WAIT_S  # the wait is spent once: from now on, it counts as a try
+                attempt += 1
                 if attempt > self.retry.max_retries:
                     self.failures += 1
                     task = Task.FromString(data)
@@ -133,22 +154,67 @@ class AgentActor(ActorBase):
             task.updated.GetCurrentTime()
             return task
 
+    async def _wait_for_service(self, error: Exception, waited: float) -> float | None:
+        """If ``error`` says a service is unavailable (a replica restarting), wait a moment and
+        return the time waited so far; None once ``SERVICE_WAIT_S`` is spent, or for other errors."""
+        if getattr(error, "code", None) != "UNAVAILABLE" or waited >= SERVICE_WAIT_S:
+            return None
+        pause = min(SERVICE_BACKOFF_MAX_S, max(0.5, waited))
+        self.service_waits += 1
+        self.logger.warning("role %s: a service is unavailable (%s); trying again in %.1fs", self.role, error, pause)
+        await asyncio.sleep(pause)
+        return waited + pause
+
     async def _call(self, payload, ctx: Context):
-        result = self.step_fn(payload, ctx)
-        if inspect.isawaitable(result):
-            result = await (asyncio.wait_for(result, self.timeout) if self.timeout else result)
+        """One try of the step; a synchronous agent runs in the thread pool, so that its timeout
+        holds and it does not stall the other steps of this actor."""
+        if inspect.iscoroutinefunction(self.step_fn):
+            result = self.step_fn(payload, ctx)
+        else:
+            result = asyncio.get_running_loop().run_in_executor(self.pool, self.step_fn, payload, ctx)
+        if not inspect.isawaitable(result):
+            return result
+        limit = asyncio.timeout(self.timeout)
+        try:
+            async with limit:
+                result = await result
+                if inspect.isawaitable(result):  # a sync function that returned a coroutine
+                    result = await result
+        except TimeoutError:
+            if not limit.expired():  # the agent's own TimeoutError (a call of its that timed out)
+                raise
+            raise StepTimeout(f"step {ctx.step} of role {self.role!r} ran past its limit of "
+                              f"{self.timeout:g}s (roles.{self.role}.step_timeout_s)") from None
         return result
+
+    def slow_steps(self) -> list[dict]:
+        """Steps running far past this role's usual latency (each reported once)."""
+        if len(self.latencies) < 10:
+            return []
+        usual = sorted(self.latencies)[len(self.latencies) // 2]
+        limit = max(SLOW_FACTOR * usual, SLOW_MIN_S)
+        now = time.monotonic()
+        out = []
+        for tid, (step, t0) in self.started.items():
+            if now - t0 > limit and (tid, step) not in self.reported_slow:
+                self.reported_slow.add((tid, step))
+                out.append({"task_id": tid, "step": step, "running_s": round(now - t0, 1), "usual_s": usual})
+        return out
 
     async def collect(self) -> list[bytes]:
         """Every message this actor holds: inbox, before-step copies of running steps, unsent."""
         return list(self.inbox) + list(self.active.values()) + self.router.pending()
 
-    async def stats(self, latencies: bool = False) -> dict:
+    async def stats(self, latencies: bool = False, slow: bool = False) -> dict:
         out = {
             "incarnation": self.incarnation, "role": self.role, "inbox": len(self.inbox),
             "active": len(self.active), "steps": self.steps, "failures": self.failures, "retries": self.retries,
+            "service_waits": self.service_waits,
+            "send_retries": self.router.send_retries,
             "sent_batches": self.router.sent_batches, "sent_messages": self.router.sent_messages,
         }
         if latencies:
             out["latencies"] = list(self.latencies)
+        if slow:
+            out["slow"] = self.slow_steps()
         return out

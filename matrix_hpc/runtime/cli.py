@@ -8,6 +8,14 @@ import sys
 from pathlib import Path
 
 from matrix_hpc.job.yamlpos import JobFileError
+from matrix_hpc.runtime.summary import Exit
+
+EXIT_CODES = (f"exit status: {Exit.OK} every task done (or failures within run.max_failed_fraction); "
+              f"{Exit.USAGE} a bad job file or a refused resume; {Exit.TASKS_FAILED} the run ended with more "
+              f"failed tasks than run.max_failed_fraction allows (see `matrix-hpc export RUN_DIR --failed`); "
+              f"{Exit.STOPPED} stopped by a fault such as a full disk (fix it, then `matrix-hpc resume RUN_DIR`); "
+              f"{Exit.INTERRUPTED} interrupted by Ctrl-C, SIGTERM or SIGHUP after a checkpoint "
+              f"(`matrix-hpc resume RUN_DIR`); {Exit.ERROR} an unexpected error.")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run a job on a local Ray (or the cluster in RAY_ADDRESS)",
         description="Run every dataset row of a job through its agents and commit the results to the run "
         "directory. If the run directory already holds a run of this job, it is resumed: committed rows "
-        "are skipped and tasks saved at the last checkpoint continue from the step they had reached.",
+        "are skipped and tasks saved at the last checkpoint continue from the step they had reached. " + EXIT_CODES,
     )
     p.add_argument("job", type=Path, help="the job file, e.g. jobs/dialogue/job.yaml")
     _common(p)
@@ -26,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "resume",
         help="resume a stopped, preempted or crashed run from its run directory",
         description="Resume RUN_DIR with the job file saved in it (or --job): committed rows are skipped, "
-        "in-flight tasks continue from their last checkpoint, the other rows start fresh.",
+        "in-flight tasks continue from their last checkpoint, the other rows start fresh. " + EXIT_CODES,
     )
     r.add_argument("run_dir", type=Path, help="a run directory made by `matrix-hpc run`")
     r.add_argument("--job", type=Path, help="job file to use (default: the job folder recorded at start)")
@@ -75,27 +83,38 @@ def _execute(job_path: Path, run_dir: Path | None, args: argparse.Namespace) -> 
         summary = run(job, force=args.force, progress=not args.no_progress)
     except ResumeRefused as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return Exit.USAGE
     _print_summary(summary, as_json=args.json)
-    return 130 if summary.interrupted else 0
+    return summary.exit_status
 
 
 def _print_summary(s, *, as_json: bool) -> None:
     if as_json:
-        print(json.dumps({
-            "run_dir": str(s.run_dir), "done": s.done, "failed": s.failed, "total": s.total, "wall_s": s.wall_s,
-            "throughput": s.throughput, "resumed": s.resumed, "recovered": s.recovered,
-            "checkpoints": s.checkpoints, "interrupted": s.interrupted, "step_latency": s.step_latency,
-        }))
+        print(json.dumps({**s.counts(), "run_dir": str(s.run_dir), "throughput": s.throughput,
+                          "step_latency": s.step_latency}))
         return
     print(f"run directory: {s.run_dir}")
     print(f"this run: {s.done} done, {s.failed} failed in {s.wall_s:.1f}s ({s.throughput:.1f} tasks/s); "
-          f"{s.total} tasks in the job")
+          f"run directory: {s.done_total} done, {s.failed_total} failed of {s.total} tasks")
     if s.resumed or s.recovered:
         print(f"resumed from snapshot: {s.resumed}; recovered after an actor died: {s.recovered}")
+    print(f"retries: {s.retries} step(s), {s.service_waits} waiting for a service, {s.commit_retries} commit(s), "
+          f"{s.send_retries} send(s); "
+          f"actor restarts: {s.actor_restarts}; checkpoints: {s.checkpoints}"
+          + (f" ({s.checkpoint_failures} failed)" if s.checkpoint_failures else ""))
     for role, lat in s.step_latency.items():
         print(f"  {role:<16} steps {lat['n']:>7}  p50 {lat['p50'] * 1000:8.1f} ms  p99 {lat['p99'] * 1000:8.1f} ms")
-    if s.interrupted:
+    if s.failures:
+        print("failed tasks by role and error:")
+        for key, n in sorted(s.failures.items(), key=lambda kv: -kv[1]):
+            print(f"  {n:>7}  {key}")
+        print(f"sample error: {s.sample_error}")
+        print(f"failed rows: matrix-hpc export {s.run_dir} --failed")
+    if s.stopped_by:
+        print(f"stopped: {s.stopped_by}\ncommitted rows are kept and in-flight tasks were saved; fix the cause, "
+              f"then continue with: matrix-hpc resume {s.run_dir}")
+    elif s.interrupted:
         print(f"interrupted: committed rows are kept and in-flight tasks were saved; "
               f"continue with: matrix-hpc resume {s.run_dir}")
     print(f"export: matrix-hpc export {s.run_dir} --format jsonl")
+    print(f"exit status: {s.exit_status}")

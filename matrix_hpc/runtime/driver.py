@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -28,9 +27,10 @@ from matrix_hpc.runtime.preflight import ResumeRefused, refuse_if_changed  # noq
 from matrix_hpc.runtime.proctitle import titled
 from matrix_hpc.runtime.progress import Terminal, describe_actors, percentiles
 from matrix_hpc.runtime.services import deploy_all, shutdown_all
-from matrix_hpc.runtime.sink import SinkActor
+from matrix_hpc.runtime.sink import SinkActor, describe_write_error
 from matrix_hpc.runtime.source import SourceActor
-from matrix_hpc.store import RunStore, StoreError
+from matrix_hpc.runtime.summary import RunSummary, failure_breakdown
+from matrix_hpc.store import DONE, FAILED, RunStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +38,6 @@ _POLL_S = 0.1
 _HEALTH_S = 1.0
 
 
-@dataclass
-class RunSummary:
-    run_dir: Path
-    done: int
-    failed: int
-    total: int
-    wall_s: float
-    resumed: int = 0  # tasks restored from a snapshot at start
-    recovered: int = 0  # tasks re-sent after an actor died
-    checkpoints: int = 0
-    interrupted: bool = False
-    step_latency: dict[str, dict[str, float]] = field(default_factory=dict)  # role -> p50/p99 seconds
-    step_counts: dict[str, list[int]] = field(default_factory=dict)  # role -> steps done by each actor
-    processing_s: float = 0.0  # from the first task sent to the last one committed (no start-up, no teardown)
-
-    @property
-    def throughput(self) -> float:
-        return (self.done + self.failed) / self.wall_s if self.wall_s else 0.0
 
 
 def run(job: Job | str | Path, *, run_dir: str | Path | None = None, force: bool = False,
@@ -71,15 +53,30 @@ def run(job: Job | str | Path, *, run_dir: str | Path | None = None, force: bool
         job.run_dir = Path(run_dir).resolve()
     runner = _Run(job, force=force, progress=progress)  # opens the store: a refusal comes before Ray
     started_ray = False
+    previous: dict = {}
     try:
         runner.term.phase("starting Ray")
         started_ray = _ensure_ray()
+        previous = _install_stop_signals(runner.stop_requested)  # after ray.init, which installs its own
         runner.term.capture(job.run_dir / "logs")  # Ray's worker output goes to logs/run.log
         return runner.execute(on_start)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if started_ray:
             ray.shutdown()  # first: worker output that arrives late still goes to the log file
         runner.term.close()
+
+
+def _install_stop_signals(stop: threading.Event) -> dict:
+    """SIGTERM (a batch system, ``timeout``) and SIGHUP (a closed terminal) stop the run like
+    Ctrl-C: checkpoint, stop every process, say how to resume."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        previous[sig] = signal.signal(sig, lambda signum, _frame: stop.set())
+    return previous
 
 
 def _ensure_ray() -> bool:
@@ -109,17 +106,23 @@ def open_store(job: Job, *, force: bool) -> tuple[RunStore, bool]:
 
 
 class _Run:
-    def __init__(self, job: Job, *, force: bool, progress: bool):
+    def __init__(self, job: Job, *, force: bool, progress: bool, stop: threading.Event | None = None):
         self.job = job
         self.spec = job.spec
         self.store, self.resuming = open_store(job, force=force)
         self.id = uuid.uuid4().hex[:8]
         self.show_progress = progress
         self.term = Terminal(enabled=progress)
-        self.recovered = self.checkpoints = 0
+        self.recovered = self.checkpoints = self.checkpoint_failures = self.actor_restarts = 0
         self.snapshot_requested = threading.Event()
+        self.stop_requested = stop or threading.Event()
+        self.stopped_by: str | None = None
         self.processing_s = 0.0
         self.actors: list = []  # every actor of this run, for cuts, health checks and the final kill
+        self.names: dict = {}  # actor -> its name, for messages
+        self.last_state: dict[str, bytes] = {}  # task id -> message at the last checkpoint (or restore)
+        self.agent_stats: dict[tuple[str, str], dict] = {}  # (actor name, incarnation) -> its last stats
+        self.sink_stats: dict[tuple[str, str], dict] = {}  # the same for sinks, for the progress line
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -134,7 +137,7 @@ class _Run:
         self.term.phase(describe_actors(self.spec))
         label = f"{self.spec.name}:{self.id}"
         self.source = ray.remote(titled(SourceActor, "source", label)).options(
-            name=f"{self.id}/source", num_cpus=0, **opts).remote(self.job, directory, skip, restore)
+            name=f"{self.id}/source", num_cpus=0, max_restarts=-1, **opts).remote(self.job, directory, skip, restore)
         self.sinks = [
             ray.remote(titled(SinkActor, "sink", label)).options(name=name, num_cpus=0, max_restarts=-1, **opts)
             .remote(self.job, f"{self.id}-sink-{i}", directory, f"{self.id}/source", str(self.job.run_dir), endpoints)
@@ -150,6 +153,9 @@ class _Run:
             for role, rs in self.spec.roles.items()
         }
         self.actors = [self.source, *self.sinks, *(a for pool in self.agents.values() for a in pool)]
+        self.names = {self.source: f"{self.id}/source", **dict(zip(self.sinks, directory["done"], strict=True))}
+        for role, pool in self.agents.items():
+            self.names.update(zip(pool, directory[role], strict=True))
         self.incarnations = dict(zip(self.actors, ray.get([a.ping.remote() for a in self.actors]), strict=True))
 
     # -- the run ------------------------------------------------------------------------------
@@ -159,21 +165,23 @@ class _Run:
         snap = self.store.latest_snapshot() if self.resuming else None
         saved = {Task.FromString(m).task_id: m for m in (snap[0] if snap else [])}
         restore = [m for tid, m in saved.items() if tid not in committed]
+        self.last_state = {tid: m for tid, m in saved.items() if tid not in committed}
         skip = set(committed) | set(saved)
         (self.job.run_dir / "job_path.txt").write_text(f"{self.job.path}\n")  # for `matrix-hpc resume`
-        self.store.log_event("resumed" if self.resuming else "started", restored=len(restore),
-                             committed=len(committed), run_id=self.id)
+        self._event("resumed" if self.resuming else "started", restored=len(restore),
+                    committed=len(committed), run_id=self.id)
         t0 = time.monotonic()
         deploying = lambda kind, name: self.term.phase(f"deploying {kind} service {name!r}")  # noqa: E731
         self.endpoints = endpoints = deploy_all(self.spec.services, self.job.dir, on_deploy=deploying)
-        interrupted = False
+        outcome = "interrupted"
+        finals: list[dict] = []
         try:
             self._start_actors(endpoints, restore, skip)
             if on_start:
                 on_start(self)
             previous = self._install_sigusr2()
             try:
-                interrupted = not self._loop(len(committed))
+                outcome = self._loop(len(committed))
             finally:
                 if previous is not None:
                     signal.signal(signal.SIGUSR2, previous)
@@ -183,18 +191,47 @@ class _Run:
             for a in self.actors:
                 ray.kill(a, no_restart=True)
             shutdown_all(endpoints)
-        status = self.store.status()
-        summary = RunSummary(
-            run_dir=self.job.run_dir, done=sum(f["done"] for f in finals), failed=sum(f["failed"] for f in finals),
-            total=status["total"], wall_s=time.monotonic() - t0, processing_s=self.processing_s,
-            resumed=len(restore), recovered=self.recovered,
-            checkpoints=self.checkpoints, interrupted=interrupted, step_latency=latency, step_counts=counts,
-        )
-        self.store.log_event("interrupted" if interrupted else "finished", done=summary.done, failed=summary.failed)
+        errors = [f["commit_error"] for f in finals if f.get("commit_error")]
+        if errors and not self.stopped_by:
+            self.stopped_by = errors[0]
+        summary = self._summary(committed, outcome, t0, latency, counts, restore, finals)
+        self._event(outcome if not self.stopped_by else "stopped", **summary.counts())
         return summary
 
-    def _loop(self, already: int) -> bool:
-        """Run until every task is committed (True) or Ctrl-C (False, after a checkpoint)."""
+    def _summary(self, before: dict[str, int], outcome: str, t0: float, latency, counts, restore,
+                 finals: list[dict]) -> RunSummary:
+        """The run's numbers, counted in the store (exact however often actors restarted)."""
+        now = RunStore.open(self.job.run_dir)
+        after = now.committed()
+        new = [st for tid, st in after.items() if tid not in before]
+        done_total = sum(1 for st in after.values() if st == DONE)
+        failed = len(after) > done_total
+        failures, sample = failure_breakdown(now.iter_results(status=FAILED)) if failed else ({}, None)
+        agents = list(self.agent_stats.values())
+        return RunSummary(
+            run_dir=self.job.run_dir, done=sum(1 for st in new if st == DONE),
+            failed=sum(1 for st in new if st != DONE), total=now.total_tasks, wall_s=time.monotonic() - t0,
+            processing_s=self.processing_s, resumed=len(restore), recovered=self.recovered,
+            checkpoints=self.checkpoints, interrupted=outcome == "interrupted", step_latency=latency,
+            step_counts=counts, stopped_by=self.stopped_by, done_total=done_total,
+            failed_total=len(after) - done_total, max_failed_fraction=self.spec.run.max_failed_fraction,
+            retries=sum(st["retries"] for st in agents), service_waits=sum(st["service_waits"] for st in agents),
+            commit_retries=sum(f.get("commit_retries", 0) for f in finals),
+            send_retries=sum(st.get("send_retries", 0) for st in agents),
+            actor_restarts=self.actor_restarts, checkpoint_failures=self.checkpoint_failures,
+            failures=failures, sample_error=sample,
+        )
+
+    def _event(self, kind: str, **fields) -> None:
+        """Log an event; a full disk must not turn a clean stop into a crash."""
+        try:
+            self.store.log_event(kind, **fields)
+        except OSError as e:
+            log.warning("could not write the %r event to the run's log: %s", kind, e)
+
+    def _loop(self, already: int) -> str:
+        """Run until every task is committed ("finished"), Ctrl-C/SIGTERM ("interrupted") or a fault
+        that stops the run ("stopped"); the last two after a checkpoint."""
         progress = self.term.progress(self.store.total_tasks, already)
         started = time.monotonic()
         ray.get(self.source.start.remote())
@@ -206,16 +243,24 @@ class _Run:
                 except RayActorError:
                     self._recover_if_needed()
                     continue
-                progress.update(done=sum(s["done"] for s in sinks), failed=sum(s["failed"] for s in sinks),
-                                in_flight=src["in_flight"])
+                for sink, st in zip(self.sinks, sinks, strict=True):  # a restarted sink counts from zero
+                    self.sink_stats[(self.names[sink], st["incarnation"])] = st
+                progress.update(done=sum(s["done"] for s in self.sink_stats.values()),
+                                failed=sum(s["failed"] for s in self.sink_stats.values()), in_flight=src["in_flight"])
                 if src["exhausted"] and src["in_flight"] == 0:
                     self.processing_s = time.monotonic() - started
                     progress.close()
-                    return True
+                    return "finished"
+                fault = next((s["commit_error"] for s in sinks if s.get("commit_error")), None)
+                if fault or self.stop_requested.is_set():
+                    progress.close()
+                    return self._stop(fault)
                 now = time.monotonic()
                 if now - last_health >= _HEALTH_S:
                     last_health = now
                     self._recover_if_needed()
+                    self._watch_agents()
+                    self._heal_services()
                 if self.snapshot_requested.is_set() or now - last_checkpoint >= self.spec.run.checkpoint_interval_s:
                     self.snapshot_requested.clear()
                     self.checkpoint()
@@ -223,9 +268,23 @@ class _Run:
                 time.sleep(_POLL_S)
         except KeyboardInterrupt:
             progress.close()
+            return self._stop(None)
+
+    def _stop(self, fault: str | None) -> str:
+        """Stop early: save what is in flight, say why and how to go on."""
+        if fault:
+            self.stopped_by = fault
+            print(f"\nstopping: {fault}", file=sys.stderr)
+            self._event("commit_failed", error=fault)
+        else:
             print("\ninterrupted: saving in-flight tasks ...", file=sys.stderr)
-            self.checkpoint()
-            return False
+        saved = self.checkpoint()
+        kept = ("in-flight tasks saved" if saved >= 0
+                else "in-flight tasks NOT saved (they restart from the last checkpoint)")
+        print(f"{'stopped' if fault else 'interrupted'}: committed rows are kept, {kept}; "
+              f"{'after fixing the cause, ' if fault else ''}continue with: matrix-hpc resume {self.job.run_dir}",
+              file=sys.stderr)
+        return "stopped" if fault else "interrupted"
 
     def _install_sigusr2(self):
         if threading.current_thread() is not threading.main_thread():
@@ -234,17 +293,21 @@ class _Run:
 
     # -- checkpoints and recovery ---------------------------------------------------------------
 
-    def _cut(self) -> tuple[list[str], dict[str, bytes]]:
+    def _cut(self, while_paused=None) -> tuple[list[str], dict[str, bytes]]:
         """A consistent cut: pause every sender, wait for sends in flight to land, then ask each
         actor what it holds. Nothing moves between actors in between, so each in-flight task is
-        seen exactly once (in an inbox, inside a step as its pre-step message, or unsent)."""
+        seen exactly once (in an inbox, inside a step as its pre-step message, or unsent).
+        ``while_paused(outstanding, held)`` runs before anything moves again."""
         for _ in range(10):
             actors = self.actors
             try:
                 ray.get([a.pause.remote() for a in actors])
                 src, *rest = ray.get([a.collect.remote() for a in actors])
+                outstanding, held = src["outstanding"], self._furthest([*src["pending"], *(d for p in rest for d in p)])
+                if while_paused is not None:
+                    while_paused(outstanding, held)
                 ray.get([a.resume.remote() for a in actors])
-                break
+                return outstanding, held
             except RayActorError:
                 # An actor died during the cut: let the others go on, wait for it, cut again.
                 for ref in [a.resume.remote() for a in actors]:
@@ -252,26 +315,47 @@ class _Run:
                         ray.get(ref)
                     except RayActorError:
                         pass
-                self._wait_alive()
-        else:
-            raise RuntimeError("could not take a consistent snapshot: actors keep dying")
+                self._handle_restarts(self._wait_alive(), recover=False)
+        raise RuntimeError("could not take a consistent snapshot: actors keep dying")
+
+    @staticmethod
+    def _furthest(messages: list[bytes]) -> dict[str, bytes]:
         held: dict[str, tuple[int, bytes]] = {}  # task id -> (step, message): the furthest copy wins
-        for data in [*src["pending"], *(d for part in rest for d in part)]:
+        for data in messages:
             t = Task.FromString(data)
             if t.task_id not in held or held[t.task_id][0] < t.step:
                 held[t.task_id] = (t.step, data)
-        return src["outstanding"], {tid: data for tid, (_, data) in held.items()}
+        return {tid: data for tid, (_, data) in held.items()}
 
     def checkpoint(self) -> int:
-        """Snapshot every task in flight into the store; return how many."""
+        """Snapshot every task in flight into the store; return how many (-1 if it could not be written)."""
         t0 = time.monotonic()
         outstanding, held = self._cut()
         messages = list(held.values())
-        self.store.write_snapshot(messages, meta={"run_id": self.id, "in_flight": len(messages)})
-        ray.get(self.source.remember.remote(messages))
+        try:
+            self.store.write_snapshot(messages, meta={"run_id": self.id, "in_flight": len(messages)})
+        except (OSError, StoreError) as e:
+            # Tasks are not lost: they stay where they are; a resume restarts them from the last
+            # checkpoint that was written (or from their row).
+            self.checkpoint_failures += 1
+            error = describe_write_error(e, self.job.run_dir, sum(map(len, messages)))
+            log.error("checkpoint of %d task(s) in flight failed: %s", len(messages), error)
+            self._event("checkpoint_failed", tasks=len(messages), error=error)
+            try:
+                self._reinject_lost(outstanding, held)
+            except RayActorError:
+                log.warning("the source died during a checkpoint; recovering")
+            return -1
+        seconds = time.monotonic() - t0
+        self.last_state = dict(held)
         self.checkpoints += 1
-        log.info("checkpoint: %d task(s) in flight saved in %.2fs", len(messages), time.monotonic() - t0)
-        self._reinject_lost(outstanding, held)
+        log.info("checkpoint: %d task(s) in flight saved in %.2fs", len(messages), seconds)
+        self._event("checkpoint", tasks=len(messages), bytes=sum(map(len, messages)), seconds=round(seconds, 3))
+        try:
+            ray.get(self.source.remember.remote(messages))
+            self._reinject_lost(outstanding, held)
+        except RayActorError:  # the source died just now: the next health check hands the run back to it
+            log.warning("the source died during a checkpoint; recovering")
         return len(messages)
 
     def _wait_alive(self, timeout: float = 120) -> list:
@@ -288,9 +372,6 @@ class _Run:
                 try:
                     incarnation = ray.get(ref)
                 except RayActorError:
-                    if actor is self.source:
-                        raise RuntimeError("the source actor died; resume the run to continue from the last "
-                                           "checkpoint") from None
                     pending.append(actor)
                     continue
                 if incarnation != self.incarnations[actor]:
@@ -298,15 +379,40 @@ class _Run:
                     self.incarnations[actor] = incarnation
             if pending:
                 if time.monotonic() > end:
-                    raise RuntimeError(f"{len(pending)} actor(s) did not come back within {timeout:.0f}s")
+                    names = ", ".join(self.names.get(a, "?") for a in pending)
+                    raise RuntimeError(f"actor(s) {names} did not come back within {timeout:.0f}s")
                 time.sleep(0.2)
         return changed
 
     def _recover_if_needed(self) -> None:
-        if self._wait_alive():
-            log.warning("actor(s) restarted; recovering the tasks they held")
+        self._handle_restarts(self._wait_alive())
+
+    def _handle_restarts(self, changed: list, *, recover: bool = True) -> None:
+        """Note restarted actors; recover what they held (a restarted source gets the run back)."""
+        for actor in changed:
+            self.actor_restarts += 1
+            log.warning("actor %s died and was restarted", self.names.get(actor, "?"))
+            self._event("actor_restarted", actor=self.names.get(actor, "?"))
+        if self.source in changed:
+            self._recover_source()
+        elif changed and recover:
+            log.warning("recovering the tasks the restarted actor(s) held")
             outstanding, held = self._cut()
             self._reinject_lost(outstanding, held)
+
+    def _recover_source(self) -> None:
+        """The source restarted empty: hand it what the other actors hold and what is committed."""
+        def adopt(_outstanding: list[str], held: dict[str, bytes]) -> None:
+            committed = self.store.committed()
+            in_flight = {tid: m for tid, m in held.items() if tid not in committed}
+            restore = {tid: m for tid, m in self.last_state.items() if tid not in committed and tid not in in_flight}
+            skip = set(committed) | set(in_flight) | set(restore)
+            ray.get(self.source.adopt.remote(list(in_flight.values()), list(restore.values()), list(skip)))
+            self.recovered += len(restore)
+            log.warning("source restarted: %d task(s) in flight taken over, %d restored from the last checkpoint",
+                        len(in_flight), len(restore))
+            self._event("source_recovered", in_flight=len(in_flight), restored=len(restore))
+        self._cut(while_paused=adopt)
 
     def _reinject_lost(self, outstanding: list[str], held: dict[str, bytes]) -> None:
         lost = [tid for tid in outstanding if tid not in held]
@@ -315,12 +421,40 @@ class _Run:
             lost = [tid for tid in lost if tid not in committed]
         if lost:
             log.warning("re-sending %d task(s) lost with a dead actor, from their last known state", len(lost))
-            self.recovered += ray.get(self.source.reinject.remote(lost))
+            n = ray.get(self.source.reinject.remote(lost))
+            self.recovered += n
+            self._event("recovered", tasks=n)
+
+    def _heal_services(self) -> None:
+        """Services whose replicas need a word to serve again after a restart get it here."""
+        for by_name in self.endpoints.values():
+            for endpoint in by_name.values():
+                heal = getattr(endpoint, "heal", None)
+                if heal is not None:
+                    heal()
+
+    def _watch_agents(self) -> None:
+        """Keep every agent's counters (so a dead incarnation's still count) and report slow steps."""
+        for role, pool in self.agents.items():
+            for actor, ref in [(a, a.stats.remote(slow=True)) for a in pool]:
+                try:
+                    st = ray.get(ref)
+                except RayActorError:
+                    continue
+                self.agent_stats[(self.names[actor], st["incarnation"])] = st
+                for slow in st.get("slow", []):
+                    log.warning("role %s: task %s has been in step %d for %.0fs (usual: %.2fs); still waiting",
+                                role, slow["task_id"], slow["step"], slow["running_s"], slow["usual_s"])
+                    self._event("slow_step", role=role, **slow)
 
     def _role_stats(self) -> tuple[dict[str, dict[str, float]], dict[str, list[int]]]:
         latency, counts = {}, {}
         for role, pool in self.agents.items():
             stats = ray.get([a.stats.remote(latencies=True) for a in pool])
+            for actor, st in zip(pool, stats, strict=True):
+                self.agent_stats[(self.names[actor], st["incarnation"])] = st
             latency[role] = percentiles([x for st in stats for x in st["latencies"]])
-            counts[role] = [st["steps"] for st in stats]
+            # steps of every incarnation, a dead one's included
+            counts[role] = [sum(st["steps"] for (name, _), st in self.agent_stats.items() if name == n)
+                            for n in (self.names[a] for a in pool)]
         return latency, counts

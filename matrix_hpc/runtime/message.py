@@ -40,6 +40,13 @@ def set_error(task: Task, role: str, exc: BaseException | str, attempts: int = 1
     task.updated.GetCurrentTime()
 
 
+def undeliverable(data: bytes, why: str, attempts: int = 1) -> bytes:
+    """The message ``data`` as a failed task: it could not be sent to its next role."""
+    task = Task.FromString(data)
+    set_error(task, task.next_role, why, attempts=attempts)
+    return task.SerializeToString()
+
+
 class TaskFactory:
     """Turns dataset rows into fresh task envelopes (in the source actor)."""
 

@@ -13,9 +13,13 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from matrix_hpc.job.spec import DONE
+from matrix_hpc.retry import backoff_s
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +27,14 @@ log = logging.getLogger(__name__)
 Directory = dict[str, list[str]]
 
 _DEAD_BACKOFF_S = 1.0
+_SEND_BACKOFF_S = 0.2
+_SEND_BACKOFF_MAX_S = 5.0
+SEND_RETRIES = 5
 
 
 class Router:
-    def __init__(self, directory: Directory, large_payload_bytes: int):
+    def __init__(self, directory: Directory, large_payload_bytes: int,
+                 on_undeliverable: Callable[[bytes, str, int], bytes] | None = None):
         self.directory = directory
         self.large = large_payload_bytes
         self._role_of = {name: role for role, names in directory.items() for name in names}
@@ -35,7 +43,11 @@ class Router:
         self._dead_until: dict[str, float] = {}
         self._outbox: dict[str, list[bytes]] = {}
         self._sending: dict[str, asyncio.Task] = {}
+        self._backing_off: set[str] = set()
+        self._failures: dict[str, int] = {}  # destination -> sends failed in a row (not by a death)
+        self.on_undeliverable = on_undeliverable  # (message, why, tries) -> the message as a failed task
         self._paused = False
+        self.send_retries = 0
         self.sent_batches = 0
         self.sent_messages = 0
 
@@ -69,11 +81,9 @@ class Router:
         self._sending[dest] = asyncio.get_running_loop().create_task(self._send(dest, batch))
 
     async def _send(self, dest: str, batch: list[bytes]) -> None:
-        items = [ray.put(b) if len(b) > self.large else b for b in batch]
         try:
+            items = [ray.put(b) if len(b) > self.large else b for b in batch]
             self._load[dest] = await self._handle(dest).deliver.remote(items)
-            self.sent_batches += 1
-            self.sent_messages += len(batch)
         except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
             # The destination died: what it had not yet received goes to its peers instead.
             # (Whatever it had received is recovered by the driver from the last known state.)
@@ -84,13 +94,55 @@ class Router:
             for data in batch:
                 self.route(self._role_of[dest], data)
             return
+        except Exception as e:  # noqa: BLE001 - e.g. a full object store: keep the batch, try again later
+            await self._send_failed(dest, batch, e)
+            return
+        self._failures.pop(dest, None)
+        self.sent_batches += 1
+        self.sent_messages += len(batch)
         del self._sending[dest]
+        if dest in self._outbox and not self._paused:
+            self._start_send(dest)
+
+    async def _send_failed(self, dest: str, batch: list[bytes], error: Exception) -> None:
+        """A send failed, not by a death: the batch goes back to the front of the outbox (so a
+        checkpoint sees it) and is tried again after a backoff. After ``SEND_RETRIES`` failures to
+        an agent the tasks fail with the error (and go to a sink); a sink is tried until it works."""
+        failures = self._failures[dest] = self._failures.get(dest, 0) + 1
+        self.send_retries += 1
+        role = self._role_of[dest]
+        if failures > SEND_RETRIES and role != DONE and self.on_undeliverable is not None:
+            log.error("send of %d message(s) to %s failed %d times (%s); failing those tasks",
+                      len(batch), dest, failures, error)
+            self._failures.pop(dest, None)
+            del self._sending[dest]
+            why = f"could not be sent to role {role!r} after {failures} tries: {type(error).__name__}: {error}"
+            for data in batch:
+                self.route(DONE, self.on_undeliverable(data, why, failures))
+            if dest in self._outbox and not self._paused:
+                self._start_send(dest)
+            return
+        self._outbox[dest] = batch + self._outbox.get(dest, [])
+        wait = backoff_s(failures, base_s=_SEND_BACKOFF_S, cap_s=_SEND_BACKOFF_MAX_S, jitter=False)
+        log.warning("send of %d message(s) to %s failed (%s: %s); retry %d in %.1fs",
+                    len(batch), dest, type(error).__name__, error, failures, wait)
+        if self._paused:
+            del self._sending[dest]
+            return
+        self._backing_off.add(dest)
+        try:
+            await asyncio.sleep(wait)  # cancelled by pause(): the batch is already back in the outbox
+        finally:
+            self._backing_off.discard(dest)
+            del self._sending[dest]
         if dest in self._outbox and not self._paused:
             self._start_send(dest)
 
     async def pause(self) -> None:
         """Stop sending; return once no send is in flight (every message is on one side)."""
         self._paused = True
+        for dest in list(self._backing_off):
+            self._sending[dest].cancel()
         while self._sending:
             await asyncio.gather(*list(self._sending.values()), return_exceptions=True)
 

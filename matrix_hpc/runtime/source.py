@@ -3,6 +3,9 @@ between itself and a durable commit (backpressure: nothing upstream of a commit 
 
 It also remembers the last known message of every task in flight (the initial one, updated by
 each snapshot), which is what a task restarts from if the actor holding it dies.
+
+If the source itself dies, Ray restarts it idle: it sends nothing until the driver hands it,
+in ``adopt``, what the rest of the run holds (a consistent cut) and what is committed.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class SourceActor(ActorBase):
         self.known: dict[str, bytes] = {}  # task id -> last known message, for every task in flight
         self.tasks = self._tasks()
         self.exhausted = False
+        self.started = False  # a restarted source waits for adopt() before sending anything
         self.emitted = self.skipped = self.finished_count = 0
 
     def _tasks(self) -> Iterator[tuple[str, str, bytes]]:
@@ -50,10 +54,23 @@ class SourceActor(ActorBase):
                 yield task.task_id, task.next_role, task.SerializeToString()
 
     async def start(self) -> None:
+        self.started = True
+        self._pump()
+
+    async def adopt(self, in_flight: list[bytes], restore: list[bytes], skip: list[str]) -> None:
+        """Take over a run after a restart: ``in_flight`` are the tasks other actors hold (a cut),
+        ``restore`` the saved state of tasks lost with the old source, ``skip`` every task id
+        committed or in flight, which the dataset pass must not send again."""
+        self.known = {Task.FromString(m).task_id: m for m in in_flight}
+        self.restore = deque(restore)
+        self.skip = set(skip)
+        self.tasks = self._tasks()
+        self.exhausted = False
+        self.started = True
         self._pump()
 
     def _pump(self) -> None:
-        while not self.exhausted and len(self.known) < self.max_in_flight:
+        while self.started and not self.exhausted and len(self.known) < self.max_in_flight:
             item = next(self.tasks, None)
             if item is None:
                 self.exhausted = True
@@ -79,10 +96,13 @@ class SourceActor(ActorBase):
 
     async def reinject(self, ids: list[str]) -> int:
         """Send lost tasks again, from their last known message."""
+        sent = 0
         for tid in ids:
-            data = self.known[tid]
-            self.router.route(Task.FromString(data).next_role, data)
-        return len(ids)
+            data = self.known.get(tid)
+            if data is not None:
+                self.router.route(Task.FromString(data).next_role, data)
+                sent += 1
+        return sent
 
     async def collect(self) -> dict:
         return {"outstanding": list(self.known), "pending": self.router.pending()}
@@ -90,5 +110,6 @@ class SourceActor(ActorBase):
     async def stats(self) -> dict:
         return {
             "incarnation": self.incarnation, "emitted": self.emitted, "in_flight": len(self.known),
-            "exhausted": self.exhausted, "skipped": self.skipped, "finished": self.finished_count,
+            "exhausted": self.exhausted, "started": self.started, "skipped": self.skipped,
+            "finished": self.finished_count,
         }

@@ -16,25 +16,44 @@ from .wire import ServiceError
 
 log = logging.getLogger("matrix_hpc.sandbox")
 
+REPLICA_RESTARTS = 100  # a replica that dies (killed, OOM) is restarted by Ray, at the same address
+
 
 class SandboxReplica:
-    """Ray actor body (wrapped with ray.remote in ``deploy``): a SandboxServer on this node."""
+    """Ray actor body (wrapped with ray.remote in ``deploy``): a SandboxServer on this node.
 
-    def __init__(self, name: str, spec_json: str, node: str) -> None:
+    It serves at a fixed ``host:port`` chosen at deploy time. Ray restarts a replica that died
+    (``max_restarts``) with the same arguments; the new one starts serving at the same address when
+    asked (by itself at start, and by ``SandboxEndpoint.heal``, which the driver calls every second),
+    so the clients that hold that address find it again without a lookup.
+    """
+
+    def __init__(self, name: str, spec_json: str, node: str, host: str = "127.0.0.1", port: int = 0) -> None:
         import logging as _logging
+
+        import ray
 
         _logging.basicConfig(level=_logging.INFO)
         self.name = name
         self.spec = SandboxSpec.model_validate_json(spec_json)
         self.node = node
+        self.host, self.port = host, port
         self.server = None
+        self._starting: asyncio.Lock | None = None
+        if port:  # serve without waiting to be asked (after a restart nobody asks)
+            ray.get_runtime_context().current_actor.start.remote(host)
 
     async def start(self, host: str) -> str:
         from .server import SandboxServer
 
-        self.server = SandboxServer(self.spec, node=self.node)
-        port = await self.server.start(host, 0)
-        return f"{host}:{port}"
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self.server is None:
+                server = SandboxServer(self.spec, node=self.node)
+                self.port = await server.start(host, self.port)
+                self.server, self.host = server, host
+        return f"{self.host}:{self.port}"
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -59,6 +78,12 @@ class SandboxEndpoint:
     def client(self, key: str | None = None) -> SandboxClient:
         """An async client; its sessions are owned by ``key`` (the task id)."""
         return SandboxClient(self.addresses, key=key, name=self.name, default_wall_s=self.default_wall_s)
+
+    def heal(self) -> None:
+        """Ask every replica to serve (driver only, now and then): a no-op for one that serves;
+        one that Ray restarted starts again at its address. Does not wait."""
+        for actor, address in zip(self.actors, self.addresses, strict=False):
+            actor.start.remote(address.rsplit(":", 1)[0])
 
     async def release(self, owners: list[str]) -> int:
         """Close every session owned by these tasks (and kill their running one-shot sandboxes)."""
@@ -87,6 +112,15 @@ def _bind_host(ip: str, n_nodes: int) -> str:
     return "127.0.0.1" if n_nodes == 1 else ip
 
 
+def _free_port(host: str) -> int:
+    """A port free on this node now (the replica binds it a moment later, and again after a restart)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def deploy(name: str, spec: SandboxSpec | dict, *, base_dir: str | Path | None = None,
            timeout_s: float = 120.0) -> SandboxEndpoint:
     """Start one replica per node (or ``spec.nodes`` of them), wait until they serve, return the endpoint.
@@ -109,13 +143,15 @@ def deploy(name: str, spec: SandboxSpec | dict, *, base_dir: str | Path | None =
         raise ServiceError(f"sandbox {name!r}: no alive Ray node")
     nodes = nodes[: spec.nodes] if spec.nodes else nodes
     remote = ray.remote(SandboxReplica)
+    free_port = ray.remote(_free_port)
     actors, starts = [], []
     for n in nodes:
         host = _bind_host(n["NodeManagerAddress"], len(nodes))
+        on_node = NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        port = ray.get(free_port.options(num_cpus=0, scheduling_strategy=on_node).remote(host), timeout=timeout_s)
         a = remote.options(
-            num_cpus=spec.num_cpus, max_concurrency=1000,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
-        ).remote(name, spec.model_dump_json(), n["NodeManagerAddress"])
+            num_cpus=spec.num_cpus, max_concurrency=1000, max_restarts=REPLICA_RESTARTS, scheduling_strategy=on_node,
+        ).remote(name, spec.model_dump_json(), n["NodeManagerAddress"], host, port)
         actors.append(a)
         starts.append(a.start.remote(host))
     t0 = time.monotonic()
