@@ -20,6 +20,7 @@ from google.protobuf import descriptor_pool, message_factory
 from matrix_hpc.job.agents import resolve_agent
 from matrix_hpc.job.load import Job
 from matrix_hpc.job.spec import DONE
+from matrix_hpc.retry import backoff_s
 from matrix_hpc.runtime.context import Context
 from matrix_hpc.runtime.message import DONE_STATUS, Task, set_error, undeliverable
 from matrix_hpc.runtime.router import Directory, Router, resolve
@@ -136,7 +137,11 @@ class AgentActor(ActorBase):
                     set_error(task, self.role, e, attempts=attempt)
                     return task
                 self.retries += 1
-                await asyncio.sleep(self.retry.backoff_s * 2 ** (attempt - 1))
+                wait = backoff_s(attempt, base_s=self.retry.backoff_s, jitter=False)
+                self.logger.info("role %s: step %d of task %s failed (%s: %s); try %d of %d in %.1fs", self.role,
+                                 task.step, task.task_id, type(e).__name__, e, attempt + 1,
+                                 self.retry.max_retries + 1, wait)
+                await asyncio.sleep(wait)
                 task = Task.FromString(data)
                 continue
             self.latencies.append(time.perf_counter() - t0)
