@@ -56,3 +56,4 @@ bench: setup
 	$(PY) benchmarks/bench_dataset.py
 	$(PY) benchmarks/bench_llm.py
 	$(PY) benchmarks/bench_sandbox.py
+	$(PY) benchmarks/bench_auth.py

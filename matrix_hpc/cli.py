@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # (module, function): each adds its sub-commands to the parser it is given.
@@ -40,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "image":
+        # Whatever matrix-hpc writes (run directories, exports, secrets, logs) is the user's alone.
+        # Images are read by the sandbox's own unprivileged user: `image build` keeps the umask.
+        os.umask(0o077)
     return int(args.func(args) or 0)
 
 

@@ -7,6 +7,7 @@ reported with the job file, the line and the field (``JobFileError``).
 from __future__ import annotations
 
 import hashlib
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ from matrix_hpc.job.spec import JobSpec
 from matrix_hpc.job.yamlpos import JobFileError, YamlWithLines
 from matrix_hpc.protogen import ProtoCompileError, compile_protos, pool_from_descriptor_set
 from matrix_hpc.services import spec_class
+from matrix_hpc.services.auth import private_folder
+
+GENERATED_DIR = "generated"  # in the run directory: the payload's generated Python modules
 
 __all__ = ["Job", "JobFileError", "load_job"]
 
@@ -47,9 +51,11 @@ class Job:
     def payload_type(self) -> str:
         return self.spec.payload.type
 
-    def import_paths(self) -> list[str]:
-        """sys.path entries a process needs to import this job's agents and payload modules."""
-        return [str(materialize_generated(self.generated)), str(self.dir)]
+    def import_paths(self, generated_root: Path | None = None) -> list[str]:
+        """sys.path entries a process needs to import this job's agents and payload modules; the
+        generated modules are written under ``generated_root`` (default: the run directory's)."""
+        root = generated_root or self.run_dir / GENERATED_DIR
+        return [str(materialize_generated(self.generated, root)), str(self.dir)]
 
 
 def load_job(path: str | Path, *, run_dir: str | Path | None = None) -> Job:
@@ -149,7 +155,8 @@ def _check_services(doc: YamlWithLines, spec: JobSpec) -> None:
 
 
 def _check_agents(doc: YamlWithLines, job: Job) -> None:
-    with job_imports(job):
+    with tempfile.TemporaryDirectory(prefix="matrix-hpc-check-") as scratch, \
+            job_imports(job, generated_root=Path(scratch)):
         for role, rs in job.spec.roles.items():
             try:
                 resolve_agent(rs.agent, instantiate=False)
@@ -174,8 +181,8 @@ class job_imports:
     them keeps one job's ``agents`` module from answering for another's.
     """
 
-    def __init__(self, job: Job):
-        self.paths = job.import_paths()
+    def __init__(self, job: Job, generated_root: Path | None = None):
+        self.paths = job.import_paths(generated_root)
 
     def __enter__(self) -> None:
         self.before = set(sys.modules)
@@ -190,20 +197,23 @@ class job_imports:
                 del sys.modules[name]
 
 
-def materialize_generated(generated: dict[str, str]) -> Path:
-    """Write generated payload modules once per content into a local folder; return it."""
+def materialize_generated(generated: dict[str, str], root: Path) -> Path:
+    """Write generated payload modules once per content under ``root``; return their folder.
+
+    ``root`` must be a private folder of this user (created 0700 if missing): code imported from a
+    folder someone else can write to would run as us. Raises CredentialError otherwise.
+    """
     digest = hashlib.sha256(repr(sorted(generated.items())).encode()).hexdigest()[:16]
-    root = Path(tempfile.gettempdir()) / "matrix-hpc-proto" / digest
-    if not root.exists():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=root.parent if root.parent.exists() else None))
+    target = private_folder(root) / digest
+    if not target.exists():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=root))
         for name, src in generated.items():
             (tmp / name).write_text(src)
-        root.parent.mkdir(parents=True, exist_ok=True)
         try:
-            tmp.rename(root)
+            tmp.rename(target)
         except OSError:  # another process won the race; its copy is identical
-            pass
-    return root
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _sha(*chunks: bytes) -> str:
@@ -215,7 +225,8 @@ def _sha(*chunks: bytes) -> str:
 
 def fingerprint(job: Job, dataset_digest: str) -> dict[str, str]:
     """What changes results: the job spec, the agent code, the payload protos, the dataset's content."""
-    code = sorted(p for p in job.dir.rglob("*.py") if "runs" not in p.relative_to(job.dir).parts)
+    code = sorted(p for p in job.dir.rglob("*.py")
+                  if "runs" not in p.relative_to(job.dir).parts and not p.is_relative_to(job.run_dir))
     protos = sorted(job.dir.rglob("*.proto"))
     return {
         "job_spec": _sha(job.yaml_text.encode()),

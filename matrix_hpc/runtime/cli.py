@@ -24,7 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run a job on a local Ray (or the cluster in RAY_ADDRESS)",
         description="Run every dataset row of a job through its agents and commit the results to the run "
         "directory. If the run directory already holds a run of this job, it is resumed: committed rows "
-        "are skipped and tasks saved at the last checkpoint continue from the step they had reached. " + EXIT_CODES,
+        "are skipped and tasks saved at the last checkpoint continue from the step they had reached. "
+        "The run is private: its run directory is owner-only (one that other users can write to is refused), "
+        "its services need the secret in RUN_DIR/credentials/, and a local Ray listens on 127.0.0.1 only, "
+        "with token authentication (docs/security.md). " + EXIT_CODES,
     )
     p.add_argument("job", type=Path, help="the job file, e.g. jobs/dialogue/job.yaml")
     _common(p)
@@ -69,11 +72,12 @@ def _execute(job_path: Path, run_dir: Path | None, args: argparse.Namespace) -> 
     from matrix_hpc.job.load import load_job
     from matrix_hpc.runtime.driver import run
     from matrix_hpc.runtime.preflight import ResumeRefused, preflight
+    from matrix_hpc.runtime.security import CredentialError, RunDirRefused
 
     try:
         job = load_job(job_path, run_dir=run_dir)
         nothing_to_do = preflight(job, force=args.force)  # before Ray starts
-    except (JobFileError, ResumeRefused) as e:
+    except (JobFileError, ResumeRefused, RunDirRefused, CredentialError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if nothing_to_do:
@@ -81,7 +85,7 @@ def _execute(job_path: Path, run_dir: Path | None, args: argparse.Namespace) -> 
         return 0
     try:
         summary = run(job, force=args.force, progress=not args.no_progress)
-    except ResumeRefused as e:
+    except (ResumeRefused, RunDirRefused, CredentialError) as e:
         print(f"error: {e}", file=sys.stderr)
         return Exit.USAGE
     _print_summary(summary, as_json=args.json)

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -26,6 +27,13 @@ from matrix_hpc.runtime.message import Task
 from matrix_hpc.runtime.preflight import ResumeRefused, refuse_if_changed  # noqa: F401 - ResumeRefused re-exported
 from matrix_hpc.runtime.proctitle import titled
 from matrix_hpc.runtime.progress import Terminal, describe_actors, percentiles
+from matrix_hpc.runtime.security import (
+    LocalRay,
+    prepare_run_dir,
+    service_secret,
+    services_tls,
+    use_cluster_token,
+)
 from matrix_hpc.runtime.services import deploy_all, shutdown_all
 from matrix_hpc.runtime.sink import SinkActor, describe_write_error
 from matrix_hpc.runtime.source import SourceActor
@@ -51,21 +59,26 @@ def run(job: Job | str | Path, *, run_dir: str | Path | None = None, force: bool
         job = load_job(job, run_dir=run_dir)
     elif run_dir is not None:
         job.run_dir = Path(run_dir).resolve()
-    runner = _Run(job, force=force, progress=progress)  # opens the store: a refusal comes before Ray
-    started_ray = False
-    previous: dict = {}
+    previous_umask = os.umask(0o077)  # what the run writes, and the Ray it starts, are the user's alone
     try:
-        runner.term.phase("starting Ray")
-        started_ray = _ensure_ray()
-        previous = _install_stop_signals(runner.stop_requested)  # after ray.init, which installs its own
-        runner.term.capture(job.run_dir / "logs")  # Ray's worker output goes to logs/run.log
-        return runner.execute(on_start)
+        prepare_run_dir(job.run_dir)
+        runner = _Run(job, force=force, progress=progress)  # opens the store: a refusal comes before Ray
+        stop_ray = None
+        previous: dict = {}
+        try:
+            runner.term.phase("starting Ray")
+            stop_ray = _ensure_ray(job.run_dir)
+            previous = _install_stop_signals(runner.stop_requested)  # after ray.init, which installs its own
+            runner.term.capture(job.run_dir / "logs")  # Ray's worker output goes to logs/run.log
+            return runner.execute(on_start)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if stop_ray is not None:
+                stop_ray()  # first: worker output that arrives late still goes to the log file
+            runner.term.close()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if started_ray:
-            ray.shutdown()  # first: worker output that arrives late still goes to the log file
-        runner.term.close()
+        os.umask(previous_umask)
 
 
 def _install_stop_signals(stop: threading.Event) -> dict:
@@ -79,17 +92,19 @@ def _install_stop_signals(stop: threading.Event) -> dict:
     return previous
 
 
-def _ensure_ray() -> bool:
+def _ensure_ray(run_dir: Path) -> Callable[[], None] | None:
+    """Connect to RAY_ADDRESS (with the run's token) or start a local Ray that only this user can use
+    (see ``runtime.security``); return how to stop it, or None if Ray was already initialized."""
     if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        return None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if os.environ.get("RAY_ADDRESS"):
+        use_cluster_token(run_dir)
         ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
-        # A local Ray lives on loopback only.
-        ray.init(include_dashboard=False, object_store_memory=512 * 1024**2, _node_ip_address="127.0.0.1")
-    return True
+        return ray.shutdown
+    local = LocalRay(run_dir, object_store_memory=512 * 1024**2)
+    local.start()
+    return local.stop
 
 
 def open_store(job: Job, *, force: bool) -> tuple[RunStore, bool]:
@@ -172,7 +187,9 @@ class _Run:
                     committed=len(committed), run_id=self.id)
         t0 = time.monotonic()
         deploying = lambda kind, name: self.term.phase(f"deploying {kind} service {name!r}")  # noqa: E731
-        self.endpoints = endpoints = deploy_all(self.spec.services, self.job.dir, on_deploy=deploying)
+        self.endpoints = endpoints = deploy_all(self.spec.services, self.job.dir, on_deploy=deploying,
+                                                secret=service_secret(self.job.run_dir),
+                                                tls=services_tls(self.job.run_dir))
         outcome = "interrupted"
         finals: list[dict] = []
         try:

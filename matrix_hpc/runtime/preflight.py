@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from matrix_hpc.job.dataset_checks import save_digest
 from matrix_hpc.job.load import Job
+from matrix_hpc.runtime.security import prepare_run_dir
 from matrix_hpc.store import RunStore, StoreError
 
 
@@ -27,9 +28,10 @@ def refuse_if_changed(store: RunStore, job: Job, *, force: bool) -> None:
 def preflight(job: Job, *, force: bool) -> str | None:
     """Check ``job.run_dir`` before a run; return why there is nothing to run, or None to go on.
 
-    Raises ResumeRefused if the run directory holds a run of a different job.
+    Raises ResumeRefused if the run directory holds a run of a different job, RunDirRefused if other
+    users could write to it (see ``runtime.security``).
     """
-    job.run_dir.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(job.run_dir)  # owner-only; refused if others can write to it
     save_digest(job.run_dir)  # the dataset digest, so that a resume re-reads nothing
     try:
         store = RunStore.open(job.run_dir)

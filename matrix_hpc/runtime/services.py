@@ -10,13 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from matrix_hpc.services import service_package, spec_class
+from matrix_hpc.services.auth import TLSPair
 
 Endpoints = dict[str, dict[str, Any]]  # kind -> name -> endpoint
 
 
 def deploy_all(services: dict[str, dict[str, dict]], base_dir: Path,
-               on_deploy: Callable[[str, str], None] | None = None) -> Endpoints:
-    """Start every declared service (Ray actors); stop the ones already started if one fails.
+               on_deploy: Callable[[str, str], None] | None = None, *, secret: str | None = None,
+               tls: TLSPair | None = None) -> Endpoints:
+    """Start every declared service (Ray actors) requiring ``secret`` on every call (over TLS with
+    ``tls``); stop the ones already started if one fails.
 
     ``on_deploy(kind, name)`` is called as each one starts (the driver shows it as a phase)."""
     endpoints: Endpoints = {}
@@ -27,7 +30,8 @@ def deploy_all(services: dict[str, dict[str, dict]], base_dir: Path,
                 spec = spec_class(kind).model_validate(settings or {})
                 if on_deploy:
                     on_deploy(kind, name)
-                endpoints.setdefault(kind, {})[name] = pkg.deploy(name, spec, base_dir=base_dir)
+                endpoints.setdefault(kind, {})[name] = pkg.deploy(name, spec, base_dir=base_dir, secret=secret,
+                                                                  tls=tls)
     except BaseException:
         shutdown_all(endpoints)
         raise

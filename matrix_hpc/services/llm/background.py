@@ -11,6 +11,7 @@ import asyncio
 import threading
 from pathlib import Path
 
+from matrix_hpc.services.auth import TLSPair
 from matrix_hpc.services.llm.endpoint import LLMEndpoint
 from matrix_hpc.services.llm.server import LLMServer, serve
 from matrix_hpc.services.llm.spec import LLMSpec
@@ -26,15 +27,19 @@ class BackgroundServer:
         port: int = 0,
         base_dir: Path | str | None = None,
         start_timeout: float = 600.0,
+        secret: str | None = None,
+        tls: TLSPair | None = None,
     ):
         self.spec = spec
+        self.secret = secret
+        self.tls = tls
         self.name = name
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"llm-server-{name}", daemon=True)
         self.thread.start()
         try:
             fut = asyncio.run_coroutine_threadsafe(
-                serve(spec, name, host=host, port=port, base_dir=base_dir), self.loop
+                serve(spec, name, host=host, port=port, base_dir=base_dir, secret=secret, tls=tls), self.loop
             )
             self.server: LLMServer = fut.result(start_timeout)
         except BaseException:
@@ -44,7 +49,8 @@ class BackgroundServer:
 
     def endpoint(self, **spec_updates) -> LLMEndpoint:
         spec = self.spec.model_copy(update=spec_updates) if spec_updates else self.spec
-        return LLMEndpoint.from_addresses([self.address], name=self.name, spec=spec)
+        return LLMEndpoint.from_addresses([self.address], name=self.name, spec=spec, secret=self.secret,
+                                         tls_cert=self.tls.cert if self.tls else None)
 
     def call(self, coro, timeout: float = 60.0):
         """Run a coroutine on the server's loop (e.g. to inspect or poke the server)."""

@@ -9,6 +9,15 @@ import signal
 import sys
 from pathlib import Path
 
+from matrix_hpc.services.auth import (
+    OPEN_SERVER_WARNING,
+    SECRET_FILE_HELP,
+    TLS_DIR_HELP,
+    CredentialError,
+    secret_for_serve,
+    tls_pair,
+)
+
 _EPILOG = """\
 examples:
   # the embedded SmolLM2-135M on this CPU (run `make model` once first)
@@ -24,8 +33,10 @@ examples:
   matrix-hpc serve llm --spec teacher.yaml --port 50051
 
 The server speaks matrix_hpc.llm.v1.LLM (protos/matrix_hpc/llm/v1/llm.proto) and the standard
-grpc.health.v1.Health service. From Python:
-  LLMEndpoint.from_addresses(["127.0.0.1:50051"]).client().chat([...])
+grpc.health.v1.Health service. With --secret-file, every call but health checks must carry that
+secret; without one the server only binds loopback. From Python:
+  secret = read_secret_file("llm.secret")   # from matrix_hpc.services.auth
+  LLMEndpoint.from_addresses(["127.0.0.1:50051"], secret=secret).client().chat([...])
 """
 
 
@@ -46,7 +57,10 @@ def register_serve(sub) -> None:
         help="vllm: 'smollm2-135m' (embedded) or a Hugging Face model folder; openai: the upstream model name",
     )
     p.add_argument("--served-name", help="the name requests may use in `model` (default: --model)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: 127.0.0.1; 0.0.0.0 for all, which needs --secret-file)")
+    p.add_argument("--secret-file", type=Path, help=SECRET_FILE_HELP)
+    p.add_argument("--tls-dir", type=Path, help=TLS_DIR_HELP)
     p.add_argument("--port", type=int, default=50051, help="port to bind (0: any free port; default: 50051)")
     p.add_argument("--gpus", type=int, help="vllm: GPUs for tensor parallelism (0: CPU build; default 0)")
     p.add_argument("--max-model-len", type=int, help="vllm: context length (default 2048 on CPU)")
@@ -109,7 +123,13 @@ def _serve(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(_run(spec, args))
+        secret = secret_for_serve(args.host, args.secret_file, f"LLM {args.name!r}")
+        tls = tls_pair(args.tls_dir) if args.tls_dir else None
+    except CredentialError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_run(spec, args, secret, tls))
     except ServiceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -117,7 +137,7 @@ def _serve(args) -> int:
         return 0
 
 
-async def _run(spec, args) -> int:
+async def _run(spec, args, secret: str | None, tls) -> int:
     import logging
 
     from matrix_hpc.services.llm.server import serve
@@ -128,11 +148,14 @@ async def _run(spec, args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        server = await serve(spec, args.name, host=args.host, port=args.port, base_dir=args.base_dir)
+        server = await serve(spec, args.name, host=args.host, port=args.port, base_dir=args.base_dir,
+                             secret=secret, tls=tls)
     except Exception as e:  # noqa: BLE001
         print(f"error: the {spec.backend} backend failed to start: {e}", file=sys.stderr)
         return 1
     print(f"serving {args.name!r} ({spec.backend}, {spec.name_served}) on {server.address}", flush=True)
+    if secret is None:
+        print(OPEN_SERVER_WARNING, file=sys.stderr, flush=True)
     await stop.wait()
     await server.stop()
     return 0

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from matrix_hpc.llm.v1 import llm_pb2 as pb
 from matrix_hpc.llm.v1 import llm_pb2_grpc as pb_grpc
 from matrix_hpc.retry import retrying
+from matrix_hpc.services import auth
 from matrix_hpc.services.llm.errors import InvalidRequest, ServiceError
 from matrix_hpc.services.llm.results import ChatChunk, ChatResult, ToolCall, chunk_from_pb, result_from_pb
 from matrix_hpc.services.llm.spec import LLMSpec
@@ -39,6 +40,8 @@ class LLMEndpoint(Protocol):
     replicas: list
     namespace: str | None
     uid: str
+    secret: str | None
+    tls_cert: bytes | None
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
@@ -62,8 +65,10 @@ _PROBE_MAX_S = 5.0
 
 
 class _Replica:
-    def __init__(self, address: str, actor_name: str | None):
+    def __init__(self, address: str, actor_name: str | None, secret: str | None, tls_cert: bytes | None):
         self.actor_name = actor_name
+        self.secret = secret
+        self.tls_cert = tls_cert
         self.outstanding = 0
         self.healthy = True
         self.next_probe = 0.0
@@ -74,7 +79,7 @@ class _Replica:
 
     def _connect(self, address: str) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self.channel = auth.channel(address, self.secret, _CHANNEL_OPTIONS, self.tls_cert)
         self.stub = pb_grpc.LLMStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -89,7 +94,9 @@ class _Pool:
     def __init__(self, endpoint: LLMEndpoint):
         self.name = endpoint.name
         self.namespace = endpoint.namespace
-        self.replicas = [_Replica(r.address, r.actor_name) for r in endpoint.replicas]
+        self.secret, self.tls_cert = endpoint.secret, endpoint.tls_cert
+        self.replicas = [_Replica(r.address, r.actor_name, endpoint.secret, endpoint.tls_cert)
+                         for r in endpoint.replicas]
         self._tasks: set[asyncio.Task] = set()
         self._changed = asyncio.Event()
 
@@ -131,7 +138,7 @@ class _Pool:
             if r is not None:
                 resp = await r.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
             else:
-                async with grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS) as ch:
+                async with auth.channel(address, self.secret, _CHANNEL_OPTIONS, self.tls_cert) as ch:
                     resp = await health_pb2_grpc.HealthStub(ch).Check(
                         health_pb2.HealthCheckRequest(service=""), timeout=2.0
                     )

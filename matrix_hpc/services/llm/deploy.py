@@ -17,17 +17,22 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from matrix_hpc.services.auth import TLSPair
 from matrix_hpc.services.llm.endpoint import LLMEndpoint, ReplicaRef, keep_handles
 from matrix_hpc.services.llm.errors import ServiceError
 from matrix_hpc.services.llm.spec import LLMSpec
 
 log = logging.getLogger("matrix_hpc.llm")
 
+
 class LLMReplica:
     """One replica: backend + gRPC server, started on first ``address()`` call (also after a restart)."""
 
-    def __init__(self, name: str, spec: dict[str, Any], base_dir: str | None, local: bool):
+    def __init__(self, name: str, spec: dict[str, Any], base_dir: str | None, local: bool,
+                 secret: str | None = None, tls: TLSPair | None = None):
         self.name = name
+        self.secret = secret
+        self.tls = tls
         self.spec = LLMSpec.model_validate(spec)
         self.base_dir = base_dir
         self.local = local
@@ -52,7 +57,8 @@ class LLMReplica:
                 from matrix_hpc.services.llm.server import serve
 
                 logging.basicConfig(level=logging.INFO)
-                self._server = await serve(self.spec, self.name, host=self._host(), port=0, base_dir=self.base_dir)
+                self._server = await serve(self.spec, self.name, host=self._host(), port=0,
+                                           base_dir=self.base_dir, secret=self.secret, tls=self.tls)
                 self._watchdog = asyncio.get_running_loop().create_task(self._exit_when_dead())
             return self._server.address
 
@@ -85,8 +91,11 @@ def _root_cause(e: BaseException) -> str:
     return lines[-1] if lines else repr(e)
 
 
-def deploy(name: str, spec: LLMSpec, *, base_dir: Path | str | None = None) -> LLMEndpoint:
-    """Start ``spec.replicas`` replicas as Ray actors and wait until each serves; needs ``ray.init()``."""
+def deploy(name: str, spec: LLMSpec, *, base_dir: Path | str | None = None, secret: str | None = None,
+           tls: TLSPair | None = None) -> LLMEndpoint:
+    """Start ``spec.replicas`` replicas as Ray actors and wait until each serves; needs ``ray.init()``.
+    With ``secret`` (the run's), the replicas refuse every call that does not carry it; with ``tls``
+    (the run's certificate and key), they serve over TLS."""
     import ray
 
     if not ray.is_initialized():
@@ -108,7 +117,7 @@ def deploy(name: str, spec: LLMSpec, *, base_dir: Path | str | None = None) -> L
             num_gpus=spec.gpus_per_replica,
             max_restarts=spec.max_restarts,
             max_concurrency=10_000,
-        ).remote(name, spec.model_dump(), base, local)
+        ).remote(name, spec.model_dump(), base, local, secret, tls)
         for n in names
     ]
     t0 = time.monotonic()
@@ -133,6 +142,8 @@ def deploy(name: str, spec: LLMSpec, *, base_dir: Path | str | None = None) -> L
         spec=spec,
         namespace=namespace,
         replicas=[ReplicaRef(a, n) for a, n in zip(addresses, names, strict=True)],
+        secret=secret,
+        tls_cert=tls.cert if tls else None,
     )
     keep_handles(endpoint.uid, actors)
     return endpoint

@@ -34,6 +34,8 @@ class LLMEndpoint:
     replicas: list[ReplicaRef]
     namespace: str | None = None
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    secret: str | None = field(default=None, repr=False)  # the run's service secret; never shown
+    tls_cert: bytes | None = field(default=None, repr=False)  # the run's certificate, when served over TLS
 
     @classmethod
     def from_addresses(
@@ -42,9 +44,13 @@ class LLMEndpoint:
         *,
         name: str = "llm",
         spec: LLMSpec | None = None,
+        secret: str | None = None,
+        tls_cert: bytes | None = None,
     ) -> LLMEndpoint:
-        """An endpoint for servers started elsewhere (``matrix-hpc serve llm``)."""
-        return cls(name=name, spec=spec or LLMSpec(backend="scripted"), replicas=[ReplicaRef(a) for a in addresses])
+        """An endpoint for servers started elsewhere (``matrix-hpc serve llm``; ``secret``: the one
+        in its ``--secret-file``, see ``matrix_hpc.services.auth.read_secret_file``)."""
+        return cls(name=name, spec=spec or LLMSpec(backend="scripted"), replicas=[ReplicaRef(a) for a in addresses],
+                   secret=secret, tls_cert=tls_cert)
 
     @property
     def addresses(self) -> list[str]:

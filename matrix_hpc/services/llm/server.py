@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from matrix_hpc.llm.v1 import llm_pb2 as pb
 from matrix_hpc.llm.v1 import llm_pb2_grpc as pb_grpc
+from matrix_hpc.services.auth import TLSPair, bind, check_bind, server_interceptors
 from matrix_hpc.services.llm.backends.base import Backend, GenRequest, StreamEvent
 from matrix_hpc.services.llm.errors import InvalidArgument, Overloaded, RequestError, Unavailable
 from matrix_hpc.services.llm.results import (
@@ -327,8 +328,12 @@ class LLMServer:
         self.address = ""
         self._watch: asyncio.Task | None = None
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Start the backend, then serve; returns ``host:port``. Health is SERVING once this returns."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *, secret: str | None = None,
+                    tls: TLSPair | None = None) -> str:
+        """Start the backend, then serve; returns ``host:port``. Health is SERVING once this returns.
+        With ``secret``, every call but health checks must carry it; with ``tls``, over TLS (see
+        ``matrix_hpc.services.auth``)."""
+        check_bind(host, secret, f"LLM {self.name!r}")
         for svc in ("", SERVICE_NAME):
             self.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.backend.start()
@@ -339,10 +344,11 @@ class LLMServer:
                 ("grpc.so_reuseport", 0),
             ],
             maximum_concurrent_rpcs=None,
+            interceptors=server_interceptors(secret, f"LLM {self.name!r}"),
         )
         pb_grpc.add_LLMServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        bound = self.server.add_insecure_port(f"{host}:{port}")
+        bound = bind(self.server, f"{host}:{port}", tls)
         if bound == 0:
             raise RuntimeError(f"could not bind {host}:{port}")
         await self.server.start()
@@ -373,11 +379,13 @@ class LLMServer:
         await self.backend.close()
 
 
-async def serve(spec: LLMSpec, name: str, *, host: str = "127.0.0.1", port: int = 0, base_dir=None) -> LLMServer:
+async def serve(spec: LLMSpec, name: str, *, host: str = "127.0.0.1", port: int = 0, base_dir=None,
+                secret: str | None = None, tls: TLSPair | None = None) -> LLMServer:
     from matrix_hpc.services.llm.backends import make_backend
 
+    check_bind(host, secret, f"LLM {name!r}")
     server = LLMServer(make_backend(spec, base_dir=base_dir), spec, name)
     t0 = time.monotonic()
-    await server.start(host, port)
+    await server.start(host, port, secret=secret, tls=tls)
     log.info("LLM %r (%s) serving on %s after %.1fs", name, spec.backend, server.address, time.monotonic() - t0)
     return server

@@ -8,6 +8,15 @@ import logging
 import signal
 import sys
 
+from matrix_hpc.services.auth import (
+    OPEN_SERVER_WARNING,
+    SECRET_FILE_HELP,
+    TLS_DIR_HELP,
+    CredentialError,
+    secret_for_serve,
+    tls_pair,
+)
+
 
 def register_serve(sub) -> None:
     p = sub.add_parser(
@@ -16,10 +25,13 @@ def register_serve(sub) -> None:
         description="Serve matrix_hpc.sandbox.v1.Sandbox (one-shot runs and sessions) and the standard "
         "gRPC health service. Commands run locked down: no network unless --network, a fresh /work, "
         "wall-clock, CPU, memory, process, output and file-size limits, no process left behind. "
-        "Example: matrix-hpc serve sandbox --port 50071 --image python",
+        "Every call but health checks must carry the secret of --secret-file. "
+        "Example: matrix-hpc serve sandbox --port 50071 --image python --secret-file ~/.matrix-hpc/sandbox.secret",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (beyond loopback: needs --secret-file)")
+    p.add_argument("--secret-file", help=SECRET_FILE_HELP)
+    p.add_argument("--tls-dir", help=TLS_DIR_HELP)
     p.add_argument("--port", type=int, default=50071, help="port to bind (0: any free port)")
     p.add_argument("--runtime", choices=["bwrap", "apptainer"], default="bwrap")
     p.add_argument("--image", default="python",
@@ -54,14 +66,23 @@ def _serve(args) -> int:
         print(f"matrix-hpc serve sandbox: {e}", file=sys.stderr)
         return 2
 
+    try:
+        secret = secret_for_serve(args.host, args.secret_file, "sandbox")
+        tls = tls_pair(args.tls_dir) if args.tls_dir else None
+    except CredentialError as e:
+        print(f"matrix-hpc serve sandbox: {e}", file=sys.stderr)
+        return 2
+
     async def main() -> int:
         try:
             server = SandboxServer(spec)
-            port = await server.start(args.host, args.port)
+            port = await server.start(args.host, args.port, secret=secret, tls=tls)
         except ServiceError as e:
             print(f"matrix-hpc serve sandbox: {e}", file=sys.stderr)
             return 1
         print(f"sandbox service ({spec.runtime}, image {spec.image}) on {args.host}:{port}", flush=True)
+        if secret is None:
+            print(OPEN_SERVER_WARNING, file=sys.stderr, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -20,6 +20,7 @@ import grpc
 from matrix_hpc.retry import retrying
 from matrix_hpc.sandbox.v1 import sandbox_pb2 as pb
 from matrix_hpc.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
+from matrix_hpc.services import auth
 
 from .wire import MAX_MESSAGE, ServiceError
 
@@ -33,14 +34,14 @@ _channels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _counters: dict[tuple[str, ...], itertools.count] = {}
 
 
-def _stub(address: str) -> pb_grpc.SandboxStub:
+def _stub(address: str, secret: str | None, tls_cert: bytes | None = None) -> pb_grpc.SandboxStub:
     table = _channels.setdefault(asyncio.get_running_loop(), {})
-    ch = table.get(address)
+    ch = table.get((address, secret, tls_cert))
     if ch is None:
-        ch = grpc.aio.insecure_channel(address, options=[
+        ch = auth.channel(address, secret, [
             ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE)])
-        table[address] = ch
+            ("grpc.max_send_message_length", MAX_MESSAGE)], tls_cert)
+        table[(address, secret, tls_cert)] = ch
     return pb_grpc.SandboxStub(ch)
 
 
@@ -118,7 +119,8 @@ class SandboxClient:
     """``run`` one-shot commands and ``open_session`` for multi-step work; sessions belong to ``key``."""
 
     def __init__(self, addresses: list[str], *, key: str | None = None, name: str = "sandbox",
-                 default_wall_s: float = 30.0, margin_s: float = 60.0, max_rounds: int = 4) -> None:
+                 default_wall_s: float = 30.0, margin_s: float = 60.0, max_rounds: int = 4,
+                 secret: str | None = None, tls_cert: bytes | None = None) -> None:
         if not addresses:
             raise ServiceError(f"sandbox service {name!r} has no replicas")
         self.addresses = list(addresses)
@@ -127,6 +129,8 @@ class SandboxClient:
         self.default_wall_s = default_wall_s
         self.margin_s = margin_s
         self.max_rounds = max_rounds
+        self.secret = secret
+        self.tls_cert = tls_cert
         k = tuple(self.addresses)
         if k not in _counters:
             _counters[k] = itertools.count(random.randrange(len(self.addresses)))
@@ -148,7 +152,8 @@ class SandboxClient:
                                           retry_on=_transient, what=f"sandbox {self.name!r} {method}"):
                 with attempt:
                     addr = self.addresses[next(self._rr) % n]
-                    return addr, await getattr(_stub(addr), method)(request, timeout=timeout)
+                    stub = _stub(addr, self.secret, self.tls_cert)
+                    return addr, await getattr(stub, method)(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
             raise _error(e, method, addr) from e
 
@@ -172,7 +177,7 @@ class SandboxClient:
         return Session(self, addr, resp.session_id, self._deadline(limits, None))
 
     async def stats(self) -> list[pb.StatsResponse]:
-        return [await _stub(a).Stats(pb.StatsRequest(), timeout=10) for a in self.addresses]
+        return [await _stub(a, self.secret, self.tls_cert).Stats(pb.StatsRequest(), timeout=10) for a in self.addresses]
 
 
 class Session:
@@ -186,7 +191,8 @@ class Session:
 
     async def _call(self, method: str, request, timeout: float):
         try:
-            return await getattr(_stub(self.address), method)(request, timeout=timeout)
+            stub = _stub(self.address, self.client.secret, self.client.tls_cert)
+            return await getattr(stub, method)(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
             raise _error(e, method, self.address) from e
 
@@ -226,7 +232,8 @@ class Session:
             pass
 
 
-async def release(addresses: list[str], owners: list[str], timeout: float = 30.0) -> int:
+async def release(addresses: list[str], owners: list[str], timeout: float = 30.0,
+                  secret: str | None = None, tls_cert: bytes | None = None) -> int:
     """Close every session of these owners on every replica; returns how many were closed."""
     if not owners:
         return 0
@@ -235,7 +242,7 @@ async def release(addresses: list[str], owners: list[str], timeout: float = 30.0
     errors = []
     for addr in addresses:
         try:
-            total += (await _stub(addr).ReleaseOwners(req, timeout=timeout)).sessions_closed
+            total += (await _stub(addr, secret, tls_cert).ReleaseOwners(req, timeout=timeout)).sessions_closed
         except grpc.aio.AioRpcError as e:
             errors.append(_error(e, "ReleaseOwners", addr))
     if errors and len(errors) == len(addresses):

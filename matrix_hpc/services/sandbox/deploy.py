@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from matrix_hpc.services import auth
+from matrix_hpc.services.auth import TLSPair
+
 from .client import SandboxClient, release
 from .image import ImageError, resolve_image
 from .spec import SandboxSpec
@@ -28,7 +31,8 @@ class SandboxReplica:
     so the clients that hold that address find it again without a lookup.
     """
 
-    def __init__(self, name: str, spec_json: str, node: str, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, name: str, spec_json: str, node: str, host: str = "127.0.0.1", port: int = 0,
+                 secret: str | None = None, tls: TLSPair | None = None) -> None:
         import logging as _logging
 
         import ray
@@ -38,6 +42,7 @@ class SandboxReplica:
         self.spec = SandboxSpec.model_validate_json(spec_json)
         self.node = node
         self.host, self.port = host, port
+        self.secret, self.tls = secret, tls  # actor arguments: a restarted replica has them again
         self.server = None
         self._starting: asyncio.Lock | None = None
         if port:  # serve without waiting to be asked (after a restart nobody asks)
@@ -51,7 +56,7 @@ class SandboxReplica:
         async with self._starting:
             if self.server is None:
                 server = SandboxServer(self.spec, node=self.node)
-                self.port = await server.start(host, self.port)
+                self.port = await server.start(host, self.port, secret=self.secret, tls=self.tls)
                 self.server, self.host = server, host
         return f"{self.host}:{self.port}"
 
@@ -74,10 +79,13 @@ class SandboxEndpoint:
     addresses: list[str]
     default_wall_s: float = 30.0
     actors: list[Any] = field(default_factory=list, repr=False)
+    secret: str | None = field(default=None, repr=False)  # the run's service secret; never shown
+    tls_cert: bytes | None = field(default=None, repr=False)  # the run's certificate, when served over TLS
 
     def client(self, key: str | None = None) -> SandboxClient:
         """An async client; its sessions are owned by ``key`` (the task id)."""
-        return SandboxClient(self.addresses, key=key, name=self.name, default_wall_s=self.default_wall_s)
+        return SandboxClient(self.addresses, key=key, name=self.name, default_wall_s=self.default_wall_s,
+                             secret=self.secret, tls_cert=self.tls_cert)
 
     def heal(self) -> None:
         """Ask every replica to serve (driver only, now and then): a no-op for one that serves;
@@ -87,7 +95,7 @@ class SandboxEndpoint:
 
     async def release(self, owners: list[str]) -> int:
         """Close every session owned by these tasks (and kill their running one-shot sandboxes)."""
-        return await release(self.addresses, list(owners))
+        return await release(self.addresses, list(owners), secret=self.secret, tls_cert=self.tls_cert)
 
     def shutdown(self) -> None:
         """Stop every replica (driver only): running sandboxes are killed, sessions removed."""
@@ -122,8 +130,10 @@ def _free_port(host: str) -> int:
 
 
 def deploy(name: str, spec: SandboxSpec | dict, *, base_dir: str | Path | None = None,
-           timeout_s: float = 120.0) -> SandboxEndpoint:
+           timeout_s: float = 120.0, secret: str | None = None, tls: TLSPair | None = None) -> SandboxEndpoint:
     """Start one replica per node (or ``spec.nodes`` of them), wait until they serve, return the endpoint.
+    With ``secret`` (the run's), the replicas refuse every call that does not carry it; with ``tls``
+    (the run's certificate and key), they serve over TLS.
 
     Call after ``ray.init()``. Raises ServiceError with a clear message when it cannot start.
     """
@@ -151,7 +161,7 @@ def deploy(name: str, spec: SandboxSpec | dict, *, base_dir: str | Path | None =
         port = ray.get(free_port.options(num_cpus=0, scheduling_strategy=on_node).remote(host), timeout=timeout_s)
         a = remote.options(
             num_cpus=spec.num_cpus, max_concurrency=1000, max_restarts=REPLICA_RESTARTS, scheduling_strategy=on_node,
-        ).remote(name, spec.model_dump_json(), n["NodeManagerAddress"], host, port)
+        ).remote(name, spec.model_dump_json(), n["NodeManagerAddress"], host, port, secret, tls)
         actors.append(a)
         starts.append(a.start.remote(host))
     t0 = time.monotonic()
@@ -162,9 +172,10 @@ def deploy(name: str, spec: SandboxSpec | dict, *, base_dir: str | Path | None =
             ray.kill(a)
         cause = getattr(e, "cause", None) or e
         raise ServiceError(f"sandbox {name!r}: a replica failed to start: {cause}") from e
-    ep = SandboxEndpoint(name, list(addresses), spec.limits.wall_time_s, actors)
+    ep = SandboxEndpoint(name, list(addresses), spec.limits.wall_time_s, actors, secret=secret,
+                         tls_cert=tls.cert if tls else None)
     try:
-        _run_sync(_wait_healthy(ep.addresses, max(5.0, timeout_s - (time.monotonic() - t0))))
+        _run_sync(_wait_healthy(ep.addresses, max(5.0, timeout_s - (time.monotonic() - t0)), ep.tls_cert))
     except Exception as e:
         ep.shutdown()
         raise ServiceError(f"sandbox {name!r}: replicas did not become healthy: {e}") from e
@@ -184,12 +195,11 @@ def _run_sync(coro):
         return pool.submit(asyncio.run, coro).result()
 
 
-async def _wait_healthy(addresses: list[str], timeout: float) -> None:
-    import grpc
+async def _wait_healthy(addresses: list[str], timeout: float, tls_cert: bytes | None) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     for addr in addresses:
-        async with grpc.aio.insecure_channel(addr) as ch:
+        async with auth.channel(addr, None, None, tls_cert) as ch:
             resp = await health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service="matrix_hpc.sandbox.v1.Sandbox"),
                 timeout=timeout, wait_for_ready=True)

@@ -28,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from matrix_hpc.sandbox.v1 import sandbox_pb2 as pb
 from matrix_hpc.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
+from matrix_hpc.services.auth import TLSPair, bind, check_bind, server_interceptors
 
 from . import files as fsops
 from .executor import Executor, Handle, Outcome
@@ -113,15 +114,19 @@ class SandboxServer(pb_grpc.SandboxServicer):
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *, secret: str | None = None,
+                    tls: TLSPair | None = None) -> int:
+        """Serve on ``host:port`` (0: a free port); with ``secret``, every call but health checks must
+        carry it; with ``tls``, over TLS (see ``matrix_hpc.services.auth``). Returns the bound port."""
+        check_bind(host, secret, "sandbox")
         self._sem = asyncio.Semaphore(self.max_concurrent)
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
                 ("grpc.so_reuseport", 0)]
-        self._server = grpc.aio.server(options=opts)
+        self._server = grpc.aio.server(options=opts, interceptors=server_interceptors(secret, "sandbox"))
         pb_grpc.add_SandboxServicer_to_server(self, self._server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        bound = self._server.add_insecure_port(f"{host}:{port}")
+        bound = bind(self._server, f"{host}:{port}", tls)
         if bound == 0:
             raise ServiceError(f"could not bind the sandbox server to {host}:{port}")
         await self._server.start()

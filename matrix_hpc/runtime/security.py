@@ -1,0 +1,191 @@
+"""What keeps other users out of a run: an owner-only run directory, the run's credentials, and a
+Ray that only this user can use.
+
+- ``prepare_run_dir``: makes the run directory a private folder (0700) and refuses one that other
+  users could write to. The caller sets umask 077 for the run (the driver and every ``matrix-hpc``
+  command but ``image build`` do), so that the run, its Ray and its actors create owner-only files.
+- ``service_secret(run_dir)``: the secret every gRPC service of the run requires; ``services_tls``:
+  the run's self-signed certificate when its services are reached over a network (cluster runs).
+- ``ray_token(run_dir)`` / ``ray_token_env(run_dir)``: Ray's token authentication for the run's
+  cluster; the Slurm bootstrap puts ``ray_token_env`` in the environment of every ``ray start``.
+- ``LocalRay``: the single-machine default: every Ray socket on loopback, token auth on (loopback is
+  reachable by every user of the machine), session files in a fresh owner-only temporary folder.
+
+Both credentials live in ``<run_dir>/credentials/`` (0700, files 0600), created on first use and
+kept for resumes; nothing prints, logs or passes them on a command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+from matrix_hpc.services.auth import CredentialError, TLSPair, private_folder, secret_file, tls_pair
+
+log = logging.getLogger(__name__)
+
+CREDENTIALS_DIR = "credentials"
+SERVICE_SECRET_FILE = "service.secret"
+RAY_TOKEN_FILE = "ray.token"
+_RAY_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+
+
+class RunDirRefused(Exception):
+    """The run directory (or the folder holding it) can be written by other users, or is not ours."""
+
+
+def _writable_by_others(st: os.stat_result) -> bool:
+    return bool(st.st_mode & 0o022)
+
+
+def prepare_run_dir(run_dir: str | Path) -> Path:
+    """Make ``run_dir`` a private folder of ours (0700).
+
+    Refuses (RunDirRefused) a run directory owned by someone else or writable by other users (group
+    included), and one inside a folder that everyone can write to without the sticky bit (anyone could
+    swap it; a group-writable project folder is a choice of its owners and is accepted). An existing
+    run directory of ours that others can read (made by an older version) is closed to them (0700).
+    """
+    run_dir = Path(run_dir).absolute()
+    parent = run_dir.parent
+    while not parent.exists():
+        parent = parent.parent
+    pst = parent.stat()
+    if pst.st_mode & stat.S_IWOTH and not pst.st_mode & stat.S_ISVTX:
+        raise RunDirRefused(f"{run_dir}: refusing a run directory inside {parent}, which every user can write "
+                            f"to (mode {stat.S_IMODE(pst.st_mode):04o}); choose a folder of your own")
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = run_dir.lstat()
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise RunDirRefused(f"{run_dir}: the run directory is not a folder")
+    if st.st_uid != os.geteuid():
+        raise RunDirRefused(f"{run_dir}: the run directory belongs to uid {st.st_uid}, not to this user "
+                            f"(uid {os.geteuid()}); choose a folder of your own")
+    if _writable_by_others(st):
+        raise RunDirRefused(f"{run_dir}: other users can write to the run directory "
+                            f"(mode {stat.S_IMODE(st.st_mode):04o}); run `chmod 700 {run_dir}` or choose another")
+    if st.st_mode & 0o077:
+        log.warning("%s: the run directory was readable by other users (mode %04o); now 0700",
+                    run_dir, stat.S_IMODE(st.st_mode))
+        run_dir.chmod(0o700)
+    return run_dir
+
+
+def credentials_dir(run_dir: str | Path) -> Path:
+    return private_folder(Path(run_dir) / CREDENTIALS_DIR)
+
+
+def service_secret(run_dir: str | Path) -> str:
+    """The secret the run's gRPC services require (created owner-only on first use)."""
+    return secret_file(credentials_dir(run_dir) / SERVICE_SECRET_FILE)
+
+
+def services_tls(run_dir: str | Path) -> TLSPair | None:
+    """The run's certificate and key (``credentials/tls.crt``, ``tls.key``) when its services should
+    speak TLS: on a cluster (``RAY_ADDRESS``), where calls cross the network, or with MATRIX_HPC_TLS=1;
+    MATRIX_HPC_TLS=0 turns it off. A local run stays on loopback, in the clear."""
+    wanted = os.environ.get("MATRIX_HPC_TLS")
+    if wanted == "0" or (wanted != "1" and not os.environ.get("RAY_ADDRESS")):
+        return None
+    return tls_pair(credentials_dir(run_dir))
+
+
+def ray_token_path(run_dir: str | Path) -> Path:
+    path = credentials_dir(run_dir) / RAY_TOKEN_FILE
+    secret_file(path)
+    return path
+
+
+def ray_token(run_dir: str | Path) -> str:
+    """The run's Ray authentication token (created owner-only on first use)."""
+    return secret_file(ray_token_path(run_dir))
+
+
+def ray_token_env(run_dir: str | Path) -> dict[str, str]:
+    """Environment for every Ray process of the run (``ray start`` on each node, the driver) that turns
+    Ray's token authentication on with the run's token. It names the token file, never the token."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_token_path(run_dir))}
+
+
+def _reload_ray_auth_config() -> None:
+    """Make this process see the RAY_AUTH_* variables just set (Ray caches its config and the token)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def use_cluster_token(run_dir: str | Path) -> None:
+    """Before connecting to an existing cluster (RAY_ADDRESS): authenticate with the run's token, unless
+    the environment already says how (RAY_AUTH_MODE / RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)."""
+    if any(os.environ.get(v) for v in _RAY_AUTH_VARS[:3]):
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+            log.warning("RAY_AUTH_MODE=disabled: this Ray cluster accepts anyone who can reach it")
+        return
+    os.environ.update(ray_token_env(run_dir))
+    _reload_ray_auth_config()
+
+
+class LocalRay:
+    """Start a single-machine Ray that only this user can use; ``stop()`` shuts it down and puts the
+    process environment back as it was.
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` alone is not enough: Ray swaps a loopback address for
+    the machine's, and then GCS, raylet, workers and agents listen on every interface. Ray's own
+    local-only mode (what it uses on macOS and Windows) keeps them all on 127.0.0.1; token auth keeps
+    other users of this machine out of those loopback ports, the dashboard agent's job API included.
+    """
+
+    def __init__(self, run_dir: str | Path, **init_kwargs):
+        self.run_dir = Path(run_dir)
+        self.init_kwargs = init_kwargs
+        self.saved_env: dict[str, str | None] = {}
+        self.temp_dir: Path | None = None
+
+    def start(self) -> None:
+        import ray
+        from ray._private import ray_constants
+
+        env = {**ray_token_env(self.run_dir), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        self.saved_env = {k: os.environ.get(k) for k in _RAY_AUTH_VARS}
+        os.environ.pop("RAY_AUTH_TOKEN", None)
+        os.environ.update(env)
+        self.saved_cluster_flag = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False  # read by ray.init in this process; children read the env
+        _reload_ray_auth_config()
+        # Short (Unix socket paths are limited to 107 bytes), random and 0700, so nobody can plant or
+        # read it. Ray makes its own temp folder 0777: that one goes one level down.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="mhpc-ray-"))
+        try:
+            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(self.temp_dir / "r"),
+                     **self.init_kwargs)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        import ray
+        from ray._private import ray_constants
+
+        if ray.is_initialized():
+            ray.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = self.saved_cluster_flag
+        for k, v in self.saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _reload_ray_auth_config()
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = None
+
+
+__all__ = [
+    "CredentialError", "LocalRay", "RunDirRefused", "prepare_run_dir", "ray_token", "ray_token_env",
+    "service_secret", "services_tls", "use_cluster_token",
+]
