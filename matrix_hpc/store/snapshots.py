@@ -25,6 +25,8 @@ from matrix_hpc.store.layout import (
     now_iso,
 )
 
+_COMPLETE_KEYS = {"n_tasks", "nbytes", "time", "unix_time", "sizes"}  # written with complete: true
+
 
 class Snapshots:
     """The snapshots of one store; writes go through the store's durable zarr store."""
@@ -83,7 +85,7 @@ class Snapshots:
             attrs = json.loads((folder / "zarr.json").read_text()).get("attributes", {})
         except (OSError, ValueError):
             return None
-        if attrs.get("complete") is not True:
+        if attrs.get("complete") is not True or not _COMPLETE_KEYS <= attrs.keys():
             return None
         for key, size in attrs.get("sizes", {}).items():
             if file_size(folder / key) != size:
