@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import stat
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +57,17 @@ def _ensure_user() -> User:
     except KeyError:
         subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", TEST_USER], check=True)
         pw = pwd.getpwnam(TEST_USER)
+    _let_others_reach(Path(sys.executable).resolve())
     return User(pw.pw_name, pw.pw_uid, pw.pw_gid, Path(pw.pw_dir))
+
+
+def _let_others_reach(interpreter: Path) -> None:
+    """The venv's base interpreter may live under a root-only folder (pyenv in /root): grant others
+    traverse (not read) on the folders above it, so that the user can run the venv's python."""
+    for d in reversed(interpreter.parents):
+        mode = d.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            os.chmod(d, mode | stat.S_IXOTH)
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ _TOP_LEVEL = [
     ("matrix_hpc.runtime.cli", "register"),  # run, resume
     ("matrix_hpc.store.cli", "register"),  # export, status
     ("matrix_hpc.services.sandbox.cli", "register_image"),  # image build
+    ("matrix_hpc.slurm.cli", "register"),  # submit, sbatch-script, cancel, logs; Slurm side of status, resume
 ]
 _SERVE = [
     ("matrix_hpc.services.llm.cli", "register_serve"),  # serve llm

@@ -49,11 +49,13 @@ _HEALTH_S = 1.0
 
 
 def run(job: Job | str | Path, *, run_dir: str | Path | None = None, force: bool = False,
-        progress: bool = True, on_start=None) -> RunSummary:
+        progress: bool = True, on_start=None, stop_requested: threading.Event | None = None) -> RunSummary:
     """Run (or resume, if ``run_dir`` already holds a store) a job on Ray; return its summary.
 
     Connects to ``RAY_ADDRESS`` if set, else starts a local Ray (or uses the one already
     initialized in this process). ``on_start(run)`` is called once every actor is up.
+    Setting ``stop_requested`` (e.g. from a signal handler) stops the run as Ctrl-C does:
+    a checkpoint of every task in flight, then an interrupted summary.
     """
     if not isinstance(job, Job):
         job = load_job(job, run_dir=run_dir)
@@ -62,7 +64,8 @@ def run(job: Job | str | Path, *, run_dir: str | Path | None = None, force: bool
     previous_umask = os.umask(0o077)  # what the run writes, and the Ray it starts, are the user's alone
     try:
         prepare_run_dir(job.run_dir)
-        runner = _Run(job, force=force, progress=progress)  # opens the store: a refusal comes before Ray
+        # Opens the store: a refusal comes before Ray.
+        runner = _Run(job, force=force, progress=progress, stop=stop_requested)
         stop_ray = None
         previous: dict = {}
         try:

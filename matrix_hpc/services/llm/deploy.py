@@ -45,7 +45,7 @@ class LLMReplica:
         import ray
 
         ip = ray.util.get_node_ip_address()
-        if ip.startswith("127."):
+        if ip.startswith("127.") or os.environ.get("MATRIX_HPC_CLUSTER"):  # set by the Slurm launcher
             return ip
         return "127.0.0.1" if self.local else ip
 

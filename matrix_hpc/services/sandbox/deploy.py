@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,9 @@ class SandboxEndpoint:
 
 
 def _bind_host(ip: str, n_nodes: int) -> str:
-    if ip.startswith("127."):
+    # On a cluster (MATRIX_HPC_CLUSTER, set by the Slurm launcher) always the node's cluster address,
+    # also with one node; loopback only for the single-machine default.
+    if ip.startswith("127.") or os.environ.get("MATRIX_HPC_CLUSTER"):
         return ip
     return "127.0.0.1" if n_nodes == 1 else ip
 

@@ -94,7 +94,7 @@ class SandboxServer(pb_grpc.SandboxServicer):
         except SeccompUnavailable as e:
             raise ServiceError(str(e)) from e
         self.node = node or socket.gethostname()
-        self.max_concurrent = spec.max_concurrent or os.cpu_count() or 1
+        self.max_concurrent = spec.max_concurrent or granted_cpus()
         self.pool = ThreadPoolExecutor(self.max_concurrent + 4, thread_name_prefix="sandbox")
         root = state_dir or Path(tempfile.gettempdir())
         _sweep_stale_state(root)
@@ -437,3 +437,8 @@ def _sweep_stale_state(root: Path) -> None:
             continue
         if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
             shutil.rmtree(d, ignore_errors=True)
+
+
+def granted_cpus() -> int:
+    """CPUs this node may use: what Slurm granted the job here, else this process's affinity."""
+    return int(os.environ.get("SLURM_CPUS_ON_NODE") or 0) or len(os.sched_getaffinity(0)) or 1

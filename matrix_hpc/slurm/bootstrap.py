@@ -1,0 +1,238 @@
+"""Ray across a Slurm allocation: the first node's task starts the Ray head, every other node's task
+joins it, and the head waits (with a deadline) until all of them are in.
+
+Each node's Ray runs in a process group of its own that we stop ourselves, with the resources
+Slurm granted on that node (not the whole machine's), a temporary folder private to the user and
+the job, and SIGUSR2 ignored: Slurm signals every process of the job step, and a Ray process
+with no USR2 handler would die of it; only the entry process handles it.
+
+Files shared through the run directory (a filesystem every node sees), one folder per attempt
+(job id and requeue count) under ``<run_dir>/slurm/ray/``: ``head`` (the head's address),
+``node-<rank>.log`` (each node's ``ray start`` output), ``node-<rank>.failed``, ``done``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_POLL_S = 0.2
+LOG_TAIL_LINES = 30
+
+# Set in every process of a Slurm run (the Ray daemons inherit it): services bind the node's
+# cluster address, never loopback.
+CLUSTER_ENV = "MATRIX_HPC_CLUSTER"
+
+
+class BootstrapError(RuntimeError):
+    """Ray could not be brought up across the allocation; the message holds the failing node's log."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """This task's place in the allocation, from Slurm's environment."""
+
+    rank: int
+    num_nodes: int
+    job_id: str
+    restart: int
+    name: str
+    ip: str
+    cpus: int
+    gpus: int
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Node:
+        env = dict(os.environ if env is None else env)
+        name = env.get("SLURMD_NODENAME") or socket.gethostname()
+        return cls(
+            rank=int(env.get("SLURM_PROCID", "0")),
+            num_nodes=int(env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or "1"),
+            job_id=env.get("SLURM_JOB_ID", "local"),
+            restart=int(env.get("SLURM_RESTART_COUNT", "0")),
+            name=name,
+            ip=node_address(name),
+            cpus=int(env.get("SLURM_CPUS_ON_NODE") or len(os.sched_getaffinity(0))),
+            gpus=granted_gpus(env),
+        )
+
+
+def node_address(name: str) -> str:
+    """The address Slurm reaches this node at (its NodeAddr), which the other nodes can reach too."""
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "-o", name], capture_output=True, text=True,
+                             timeout=30).stdout
+        addr = next((f.split("=", 1)[1] for f in out.split() if f.startswith("NodeAddr=")), None)
+    except (OSError, subprocess.TimeoutExpired):
+        addr = None
+    return socket.gethostbyname(addr or socket.gethostname())
+
+
+def granted_gpus(env: dict[str, str]) -> int:
+    visible = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible and visible not in ("NoDevFiles", "-1"):
+        return len([d for d in visible.split(",") if d])
+    return int(env.get("SLURM_GPUS_ON_NODE") or 0)
+
+
+class RayNode:
+    """One node's ``ray start --block``, in its own process group, and how to stop it."""
+
+    def __init__(self, node: Node, attempt_dir: Path, extra_args: list[str]):
+        self.node = node
+        self.log_path = attempt_dir / f"node-{node.rank}.log"
+        uid = os.getuid()
+        self.temp_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"mhpc-{uid}" / f"{node.job_id}-{node.rank}"
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, *, head_port: int | None = None, head_address: str | None = None) -> None:
+        self.temp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ray = str(Path(sys.executable).with_name("ray"))
+        argv = [ray, "start", "--block", f"--node-ip-address={self.node.ip}", f"--num-cpus={self.node.cpus}",
+                f"--num-gpus={self.node.gpus}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
+        if head_port is not None:
+            argv += ["--head", f"--port={head_port}", "--include-dashboard=false"]
+        else:
+            argv += [f"--address={head_address}"]
+        argv += self.extra_args
+        with open(self.log_path, "ab") as log:
+            log.write(f"$ {' '.join(argv)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, preexec_fn=_ignore_usr2)
+
+    def exited(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def log_tail(self) -> str:
+        return log_tail(self.log_path)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the node's Ray (``ray start --block`` stops what it started), SIGKILL if it lingers."""
+        if self.proc is not None and self.proc.poll() is None:
+            _signal_group(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _ignore_usr2() -> None:
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no log at {path})"
+
+
+def free_port(ip: str) -> int:
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+def attempt_dir(run_dir: Path, node: Node) -> Path:
+    d = run_dir / "slurm" / "ray" / f"{node.job_id}.{node.restart}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def start_head(node: Node, adir: Path, extra_args: list[str], timeout: float) -> tuple[RayNode, str]:
+    """Start the head on this node and connect this process to it as the driver; return its address."""
+    import ray
+
+    ray_node = RayNode(node, adir, extra_args)
+    port = free_port(node.ip)
+    ray_node.start(head_port=port)
+    address = f"{node.ip}:{port}"
+    end = time.monotonic() + timeout
+    while not _accepts(node.ip, port):
+        if ray_node.exited() is not None:
+            raise BootstrapError(f"the Ray head on {node.name} exited ({ray_node.exited()}); "
+                                 f"{ray_node.log_path}:\n{ray_node.log_tail()}")
+        if time.monotonic() > end:
+            ray_node.stop()
+            raise BootstrapError(f"the Ray head on {node.name} did not come up within {timeout:.0f}s; "
+                                 f"{ray_node.log_path}:\n{ray_node.log_tail()}")
+        time.sleep(_POLL_S)
+    ray.init(address=address, _node_ip_address=node.ip, log_to_driver=False)
+    (adir / "head.tmp").write_text(address)
+    (adir / "head.tmp").rename(adir / "head")
+    return ray_node, address
+
+
+def _accepts(ip: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((ip, port)) == 0
+
+
+def wait_for_nodes(node: Node, adir: Path, timeout: float) -> None:
+    """Until every node of the allocation is an alive Ray node; a node that failed to join, or the
+    deadline, raises with the failing node's log."""
+    import ray
+
+    end = time.monotonic() + timeout
+    while True:
+        failed = sorted(adir.glob("node-*.failed"))
+        if failed:
+            rank = failed[0].name.split("-")[1].split(".")[0]
+            log_path = adir / f"node-{rank}.log"
+            raise BootstrapError(f"node {rank} of the allocation could not join Ray "
+                                 f"({failed[0].read_text().strip()}); {log_path}:\n{log_tail(log_path)}")
+        alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+        if alive >= node.num_nodes:
+            return
+        if time.monotonic() > end:
+            missing = [r for r in range(1, node.num_nodes)]
+            tails = "\n".join(f"{adir / f'node-{r}.log'}:\n{log_tail(adir / f'node-{r}.log')}" for r in missing)
+            raise BootstrapError(f"only {alive} of {node.num_nodes} nodes joined Ray within {timeout:.0f}s\n{tails}")
+        time.sleep(_POLL_S)
+
+
+def run_worker(node: Node, adir: Path, extra_args: list[str], timeout: float) -> int:
+    """A non-first node: join the head once its address is published, then keep Ray up until the
+    head says the attempt is done (or Ray exits). Returns the exit code for this task."""
+    head_file, done_file = adir / "head", adir / "done"
+    end = time.monotonic() + timeout
+    while not head_file.exists():
+        if done_file.exists():
+            return 0
+        if time.monotonic() > end:
+            (adir / f"node-{node.rank}.failed").write_text(f"no Ray head address within {timeout:.0f}s")
+            return 1
+        time.sleep(_POLL_S)
+    ray_node = RayNode(node, adir, extra_args)
+    ray_node.start(head_address=head_file.read_text().strip())
+    try:
+        while not done_file.exists():
+            code = ray_node.exited()
+            if code is not None:
+                if not done_file.exists():
+                    (adir / f"node-{node.rank}.failed").write_text(f"`ray start` exited with {code}")
+                    return 1
+                break
+            time.sleep(_POLL_S)
+        return 0
+    finally:
+        ray_node.stop()

@@ -1,0 +1,165 @@
+"""What runs inside the allocation, once per node (``srun``, one task a node).
+
+The first node's task starts the Ray head, waits for the other nodes, and runs the driver; the
+others join and keep their Ray up until the head is done. USR2 (Slurm's warning before a
+preemption or the time limit, through ``--signal``) and SIGTERM (scancel, node shutdown) make
+the driver stop taking rows and checkpoint every task in flight; after USR2 the job requeues
+itself, and the requeued job resumes from the run store.
+
+Called by submitit (``SlurmEntry``, pickled by ``matrix-hpc submit``) or directly
+(``python -m matrix_hpc.slurm.entry JOB RUN_DIR``, by the standalone sbatch script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from matrix_hpc.slurm import bootstrap
+from matrix_hpc.slurm.bootstrap import Node
+
+log = logging.getLogger("matrix_hpc.slurm")
+
+CANCEL_MARKER = "cancel-requested"  # under <run_dir>/slurm: `matrix-hpc cancel` asked to stop without requeue
+
+
+@dataclass(frozen=True)
+class Options:
+    max_requeues: int = 10
+    nodes_timeout_s: float = 300.0  # for every node to join Ray
+    ray_head_args: tuple[str, ...] = ()
+    ray_worker_args: tuple[str, ...] = ()
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Options:
+        path = run_dir / "slurm" / "options.json"
+        if not path.exists():
+            return cls()
+        d = json.loads(path.read_text())
+        return cls(max_requeues=d.get("max_requeues", 10), nodes_timeout_s=d.get("nodes_timeout_s", 300.0),
+                   ray_head_args=tuple(d.get("ray_head_args", ())),
+                   ray_worker_args=tuple(d.get("ray_worker_args", ())))
+
+
+class SlurmEntry:
+    """The callable submitit pickles and runs on every node of the allocation."""
+
+    def __init__(self, job_path: str, run_dir: str):
+        self.job_path = job_path
+        self.run_dir = run_dir
+
+    def __call__(self) -> str:
+        code = run_node(Path(self.job_path), Path(self.run_dir))
+        if code:
+            raise SystemExit(code)
+        return "ok"
+
+
+def run_node(job_path: Path, run_dir: Path) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    node = Node.from_env()
+    options = Options.load(run_dir)
+    adir = bootstrap.attempt_dir(run_dir, node)
+    os.environ[bootstrap.CLUSTER_ENV] = "1"
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    log.info("node %d/%d %s (%s): %d CPU(s), %d GPU(s); job %s, requeue %d", node.rank, node.num_nodes, node.name,
+             node.ip, node.cpus, node.gpus, node.job_id, node.restart)
+    if node.rank != 0:
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # the head handles it for the whole run
+        return bootstrap.run_worker(node, adir, list(options.ray_worker_args), options.nodes_timeout_s)
+    return _run_head(node, adir, job_path, run_dir, options)
+
+
+def _run_head(node: Node, adir: Path, job_path: Path, run_dir: Path, options: Options) -> int:
+    import ray
+
+    stop = threading.Event()
+    signals: list[int] = []
+
+    def on_signal(signum, _frame):
+        log.warning("got %s: checkpointing the tasks in flight and stopping", signal.Signals(signum).name)
+        signals.append(signum)
+        stop.set()
+
+    signal.signal(signal.SIGUSR2, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    ray_node = None
+    try:
+        ray_node, address = bootstrap.start_head(node, adir, list(options.ray_head_args), options.nodes_timeout_s)
+        os.environ["RAY_ADDRESS"] = address
+        bootstrap.wait_for_nodes(node, adir, options.nodes_timeout_s)
+        log.info("all %d node(s) joined Ray at %s", node.num_nodes, address)
+        summary = _drive(job_path, run_dir, stop)
+    finally:
+        (adir / "done").write_text("")
+        if ray.is_initialized():
+            ray.shutdown()
+        if ray_node is not None:
+            ray_node.stop()
+    if not summary.interrupted:
+        log.info("finished: %d done, %d failed", summary.done, summary.failed)
+        return 0
+    return _after_interruption(node, run_dir, options, signals)
+
+
+def _drive(job_path: Path, run_dir: Path, stop: threading.Event):
+    """The driver runs in a thread so that this (main) thread stays free to handle signals."""
+    from matrix_hpc.job.load import load_job
+    from matrix_hpc.runtime.driver import run
+
+    job = load_job(job_path, run_dir=run_dir)
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["summary"] = run(job, progress=False, stop_requested=stop)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, name="matrix-hpc-driver")
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["summary"]
+
+
+def _after_interruption(node: Node, run_dir: Path, options: Options, signals: list[int]) -> int:
+    """Requeue after USR2 (preemption or time limit), unless cancelled or requeued too often."""
+    if (run_dir / "slurm" / CANCEL_MARKER).exists():
+        log.info("cancelled by matrix-hpc cancel: in-flight tasks saved; continue with matrix-hpc resume %s", run_dir)
+        return 0
+    if signal.SIGUSR2 not in signals:
+        log.info("terminated: in-flight tasks saved; continue with matrix-hpc resume %s", run_dir)
+        return 1
+    if node.restart >= options.max_requeues:
+        log.error("not requeued: already requeued %d time(s) (slurm.max_requeues); continue with "
+                  "matrix-hpc resume %s", node.restart, run_dir)
+        return 1
+    log.info("requeueing job %s", node.job_id)
+    done = subprocess.run(["scontrol", "requeue", node.job_id], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:  # e.g. a preemption already requeues it
+        log.warning("scontrol requeue %s: %s", node.job_id, (done.stderr or done.stdout).strip())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="matrix-hpc's task on one node of a Slurm allocation (run by srun)")
+    p.add_argument("job", type=Path)
+    p.add_argument("run_dir", type=Path)
+    args = p.parse_args(argv)
+    return run_node(args.job, args.run_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

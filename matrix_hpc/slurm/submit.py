@@ -1,0 +1,172 @@
+"""From a job file to a Slurm job: the ``slurm:`` section (plus command-line overrides) becomes
+submitit's Slurm parameters; the run directory is created and the submission recorded in it.
+
+What the run directory keeps under ``slurm/``: ``submit.json`` (the job file and the settings, for
+``matrix-hpc resume``), ``job_id`` (the latest Slurm job), ``options.json`` (read by every node),
+submitit's pickles and per-node logs (``<jobid>_<node>_log.{out,err}``), and ``ray/`` (bootstrap).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from matrix_hpc.job.load import Job
+from matrix_hpc.job.spec import SlurmSpec
+from matrix_hpc.slurm.entry import CANCEL_MARKER, SlurmEntry
+
+# Job states in which a job still holds (or waits for) an allocation: never submit the run twice.
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+                 "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "PREEMPTED"}
+# Paths that are private to one node on most clusters (override with MATRIX_HPC_NODE_LOCAL_PATHS,
+# colon-separated; empty where every node shares them, as on the local Slurm of slurm/).
+DEFAULT_NODE_LOCAL = "/tmp:/var/tmp:/dev/shm:/run"
+
+
+class SubmitError(Exception):
+    """The run cannot be submitted; the message says why (Slurm's own reason where Slurm refused)."""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    run_dir: Path
+
+
+def slurm_settings(spec: SlurmSpec, overrides: dict[str, Any] | None = None) -> SlurmSpec:
+    """The job file's ``slurm:`` section with command-line overrides (not None) applied and re-validated."""
+    merged = {**spec.model_dump(), **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    return SlurmSpec.model_validate(merged)
+
+
+def executor_parameters(spec: SlurmSpec, name: str) -> dict[str, Any]:
+    """submitit ``SlurmExecutor.update_parameters`` arguments: one task per node, requeueable, USR2
+    ``signal_delay_s`` before the end."""
+    params: dict[str, Any] = {
+        "job_name": f"matrix-hpc-{name}",
+        "nodes": spec.nodes,
+        "ntasks_per_node": 1,
+        "time": spec.time_min,
+        "signal_delay_s": spec.signal_delay_s,
+        "additional_parameters": {"requeue": True, **spec.extra},
+    }
+    if spec.gpus_per_node:
+        params["gpus_per_node"] = spec.gpus_per_node
+    if spec.cpus_per_node:
+        params["cpus_per_task"] = spec.cpus_per_node
+    if spec.mem_gb:
+        params["mem"] = f"{int(spec.mem_gb)}GB" if spec.mem_gb == int(spec.mem_gb) else f"{int(spec.mem_gb * 1024)}MB"
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(spec, key):
+            params[key] = getattr(spec, key)
+    if spec.exclusive:
+        params["exclusive"] = True
+    return params
+
+
+def _executor(run_dir: Path, params: dict[str, Any]):
+    import submitit
+
+    executor = submitit.SlurmExecutor(folder=run_dir / "slurm", max_num_timeout=10**6)
+    executor.update_parameters(**params)
+    return executor
+
+
+def sbatch_text(job: Job, spec: SlurmSpec) -> str:
+    """The sbatch script ``submit`` would hand to Slurm (submitit's, running the pickled entry)."""
+    executor = _executor(job.run_dir, executor_parameters(spec, job.spec.name))
+    return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")
+
+
+def standalone_sbatch_text(job: Job, spec: SlurmSpec) -> str:
+    """An sbatch script that needs no pickle: ``srun`` runs ``python -m matrix_hpc.slurm.entry`` on every node."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    params = executor_parameters(spec, job.spec.name)
+    command = shlex.join([sys.executable, "-u", "-m", "matrix_hpc.slurm.entry", str(job.path), str(job.run_dir)])
+    setup = [f"export {k}={shlex.quote(v)}" for k, v in _environment().items()]
+    return _make_sbatch_string(command=command, folder=job.run_dir / "slurm", setup=setup, **params)
+
+
+def _environment() -> dict[str, str]:
+    """What the nodes need from the submitting shell (sbatch exports it anyway; the standalone script pins it)."""
+    keys = ("PATH", "PYTHONPATH", "MATRIX_HPC_CACHE", "SLURM_CONF")
+    return {k: os.environ[k] for k in keys if os.environ.get(k)}
+
+
+def check_shared_paths(job: Job, spec: SlurmSpec) -> None:
+    """Every node reads the job folder, dataset, cache and run directory: refuse node-local paths
+    when the allocation has more than one node."""
+    if spec.nodes == 1:
+        return
+    local = [p for p in os.environ.get("MATRIX_HPC_NODE_LOCAL_PATHS", DEFAULT_NODE_LOCAL).split(":") if p]
+    cache = os.environ.get("MATRIX_HPC_CACHE")
+    named = {"run directory": job.run_dir, "job folder": job.dir, "dataset": job.dataset_path}
+    if cache:
+        named["cache (MATRIX_HPC_CACHE)"] = Path(cache)
+    for what, path in named.items():
+        resolved = Path(path).resolve()
+        for prefix in local:
+            if resolved == Path(prefix) or Path(prefix) in resolved.parents:
+                raise SubmitError(
+                    f"the {what} {resolved} is on a node-local path ({prefix}), but the run spans {spec.nodes} "
+                    "nodes that must all see it: put it on a shared filesystem (or set MATRIX_HPC_NODE_LOCAL_PATHS "
+                    "if your cluster shares it)")
+
+
+def active_job(run_dir: Path) -> tuple[str, str] | None:
+    """(job id, state) of the run's latest Slurm job if it is pending or running."""
+    id_file = run_dir / "slurm" / "job_id"
+    if not id_file.exists():
+        return None
+    job_id = id_file.read_text().strip()
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    state = out.stdout.strip()
+    return (job_id, state) if state in ACTIVE_STATES else None
+
+
+def submit(job: Job, spec: SlurmSpec, *, nodes_timeout_s: float = 300.0, ray_worker_args: list[str] | None = None,
+           ) -> Submitted:
+    """Submit the run (refused if it is already pending or running); record how, for ``resume``."""
+    import submitit
+
+    check_shared_paths(job, spec)
+    running = active_job(job.run_dir)
+    if running:
+        raise SubmitError(f"{job.run_dir} is already {running[1].lower()} as Slurm job {running[0]}; "
+                          f"see matrix-hpc status {job.run_dir}")
+    options = write_options(job, spec, nodes_timeout_s=nodes_timeout_s, ray_worker_args=ray_worker_args)
+    slurm_dir = job.run_dir / "slurm"
+    executor = _executor(job.run_dir, executor_parameters(spec, job.spec.name))
+    try:
+        submitted = executor.submit(SlurmEntry(str(job.path), str(job.run_dir)))
+    except submitit.core.utils.FailedJobError as e:
+        raise SubmitError(f"Slurm refused the job: {_sbatch_reason(str(e))}") from None
+    (slurm_dir / "job_id").write_text(f"{submitted.job_id}\n")
+    record = {"job": str(job.path), "slurm": spec.model_dump(), "options": options}
+    (slurm_dir / "submit.json").write_text(json.dumps(record, indent=1))
+    return Submitted(submitted.job_id, job.run_dir)
+
+
+def write_options(job: Job, spec: SlurmSpec, *, nodes_timeout_s: float = 300.0,
+                  ray_worker_args: list[str] | None = None) -> dict[str, Any]:
+    """Create ``<run_dir>/slurm`` and what every node reads from it; clear an earlier cancel request."""
+    slurm_dir = job.run_dir / "slurm"
+    slurm_dir.mkdir(parents=True, exist_ok=True)
+    (slurm_dir / CANCEL_MARKER).unlink(missing_ok=True)
+    options = {"max_requeues": spec.max_requeues, "nodes_timeout_s": nodes_timeout_s,
+               "ray_worker_args": list(ray_worker_args or [])}
+    (slurm_dir / "options.json").write_text(json.dumps(options, indent=1))
+    (job.run_dir / "job_path.txt").write_text(f"{job.path}\n")
+    return options
+
+
+def _sbatch_reason(message: str) -> str:
+    lines = [ln.strip() for ln in message.splitlines() if "error" in ln.lower() and ln.strip()]
+    return "; ".join(lines) or message.strip()
