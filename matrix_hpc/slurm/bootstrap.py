@@ -115,8 +115,9 @@ class RayNode:
     def log_tail(self) -> str:
         return log_tail(self.log_path)
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM the node's Ray (``ray start --block`` stops what it started), SIGKILL if it lingers."""
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM the node's Ray (``ray start --block`` stops what it started), SIGKILL if it lingers
+        (on SIGTERM it drains the node for up to 30 s; the run's work is over by now)."""
         if self.proc is not None and self.proc.poll() is None:
             _signal_group(self.proc.pid, signal.SIGTERM)
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("-o", "--run-dir", type=Path, help="run directory (default: run.output_dir of the job)")
     _slurm_overrides(s)
     s.add_argument("--dry-run", action="store_true", help="print the sbatch script instead of submitting it")
+    s.add_argument("--ray-worker-args", default="", metavar="ARGS",
+                   help="extra `ray start` options for the nodes other than the first (one shell-quoted string)")
     s.set_defaults(func=_submit)
 
     b = sub.add_parser(
@@ -100,7 +103,8 @@ def _submit(args: argparse.Namespace) -> int:
         if args.dry_run:
             print(sbatch_text(job, spec))
             return 0
-        done = submit(job, spec, nodes_timeout_s=args.nodes_timeout_s)
+        done = submit(job, spec, nodes_timeout_s=args.nodes_timeout_s,
+                      ray_worker_args=shlex.split(args.ray_worker_args))
     except (JobFileError, SubmitError) as e:
         print(f"matrix-hpc submit: error: {e}", file=sys.stderr)
         return 2

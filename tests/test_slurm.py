@@ -1,0 +1,290 @@
+"""`matrix-hpc submit` on the real local Slurm of slurm/ (two nodes on 127.0.0.2 and 127.0.0.3),
+submitting as an ordinary user: 2-node runs, preemption -> checkpoint -> requeue -> resume, cancel ->
+resume, bad settings refused with Slurm's reason, a Ray worker that cannot join.
+
+`make test` starts the local Slurm (slurm/local-slurm-up.sh) and stops it after the suite. The agents
+are plain Python (no LLM) and append "task step node" to calls.log, which counts every step run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from matrix_hpc.v1 import task_pb2
+
+from conftest import PROTO
+from matrix_hpc.store import RunStore
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONF = Path(os.environ.get("TMPDIR", "/tmp")) / "matrix-hpc-slurm" / "slurm.conf"
+STEPS = 6
+AGENTS = f"""
+import asyncio, os
+from matrix_hpc import DONE
+
+STEPS = {STEPS}
+
+def _count(ctx):
+    fd = os.open(os.path.join(os.path.dirname(__file__), "calls.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.write(fd, f"{{ctx.task_id}} {{ctx.step}} {{os.environ.get('SLURMD_NODENAME')}}\\n".encode())
+    os.close(fd)
+
+async def ping(item, ctx):
+    await asyncio.sleep(float(os.environ.get("STEP_S", "0.3")))
+    _count(ctx)
+    item.path.append(f"ping{{ctx.step}}")
+    return "pong"
+
+async def pong(item, ctx):
+    await asyncio.sleep(float(os.environ.get("STEP_S", "0.3")))
+    _count(ctx)
+    item.path.append(f"pong{{ctx.step}}")
+    return DONE if ctx.step + 1 >= STEPS else "ping"
+"""
+
+
+@pytest.fixture(scope="module")
+def slurm_conf() -> str:
+    conf = os.environ.get("SLURM_CONF") or str(DEFAULT_CONF)
+    if not shutil.which("sbatch") or not Path(conf).exists():
+        pytest.skip("no local Slurm: run slurm/local-slurm-up.sh as root (make test does)")
+    env = {**os.environ, "SLURM_CONF": conf}
+    if subprocess.run(["sinfo", "-h"], env=env, capture_output=True, timeout=30).returncode != 0:
+        pytest.skip(f"the local Slurm of {conf} does not answer: run slurm/local-slurm-up.sh")
+    os.environ["SLURM_CONF"] = conf
+    return conf
+
+
+class SlurmRun:
+    """A job folder owned by the test user, and `matrix-hpc` run as that user against the local Slurm."""
+
+    def __init__(self, user, folder: Path, conf: str, rows: int, slurm: dict, step_s: float):
+        self.user, self.dir, self.rows = user, folder / "job", rows
+        self.run_dir = self.dir / "out"
+        self.env = {"SLURM_CONF": conf, "MATRIX_HPC_NODE_LOCAL_PATHS": "", "STEP_S": str(step_s),
+                    "PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO))}
+        self.job_ids: list[str] = []
+        self.dir.mkdir()
+        (self.dir / "item.proto").write_text(PROTO.format(pkg="slurmjob"))
+        (self.dir / "agents.py").write_text(AGENTS)
+        (self.dir / "data.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "text": f"row {i}", "n": i}) + "\n"
+                                                     for i in range(rows)))
+        spec = {"name": "slurmjob", "dataset": {"path": "data.jsonl", "id_field": "id"},
+                "payload": {"proto": "item.proto", "type": "tests.slurmjob.Item"},
+                "roles": {"ping": {"agent": "agents:ping", "replicas": 2}, "pong": {"agent": "agents:pong", "replicas": 2}},
+                "first_role": "ping",
+                "run": {"output_dir": "out", "commit_interval_s": 0.2, "checkpoint_interval_s": 1},
+                "slurm": {"time_min": 10, "signal_delay_s": 10, **slurm}}
+        (self.dir / "job.yaml").write_text(json.dumps(spec, indent=1))
+        for p in [folder, *folder.rglob("*")]:
+            os.chown(p, user.uid, user.gid)
+
+    @property
+    def job(self) -> Path:
+        return self.dir / "job.yaml"
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return self.user.run([sys.executable, "-m", "matrix_hpc.cli", *args], env=self.env, timeout=timeout,
+                             cwd=self.dir)
+
+    def submit(self, *args: str) -> str:
+        out = self.cli("submit", str(self.job), *args)
+        assert out.returncode == 0, out.stdout + out.stderr
+        job_id = re.search(r"submitted Slurm job (\d+)", out.stdout).group(1)
+        self.job_ids.append(job_id)
+        return job_id
+
+    def state(self, job_id: str) -> str:
+        return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+
+    def calls(self) -> Counter:
+        path = self.dir / "calls.log"
+        return Counter(tuple(line.split()[:2]) for line in path.read_text().splitlines()) if path.exists() else Counter()
+
+    def nodes_that_ran_steps(self) -> set[str]:
+        return {line.split()[2] for line in (self.dir / "calls.log").read_text().splitlines()}
+
+    def committed(self) -> set[str]:
+        try:
+            return set(RunStore.open(self.run_dir).committed())
+        except Exception:  # noqa: BLE001 - no store yet
+            return set()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}"
+                         for p in sorted((self.run_dir / "slurm").rglob("*.err")) + sorted(
+                             (self.run_dir / "slurm").rglob("node-*.log")))
+
+    def wait(self, condition, timeout: float, what: str) -> None:
+        end = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > end:
+                raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
+            time.sleep(0.5)
+
+    def wait_ended(self, job_id: str, timeout: float) -> None:
+        self.wait(lambda: self.state(job_id) == "", timeout, f"job {job_id} to end")
+
+    def snapshot_steps(self) -> dict[str, int]:
+        tasks, _ = RunStore.open(self.run_dir).latest_snapshot()
+        return {t.task_id: t.step for t in map(task_pb2.Task.FromString, tasks)}
+
+    def check_complete(self) -> None:
+        store = RunStore.open(self.run_dir)
+        got = [task_pb2.Task.FromString(d) for d in store.iter_results()]
+        assert Counter(t.task_id for t in got) == Counter({f"r{i}#0": 1 for i in range(self.rows)})
+        assert all(t.status == task_pb2.TASK_STATUS_DONE and t.step == STEPS for t in got)
+        calls = self.calls()
+        for i in range(self.rows):  # the last step of every row ran exactly once
+            assert calls[(f"r{i}#0", str(STEPS - 1))] == 1, (i, self.logs())
+
+
+@pytest.fixture
+def slurm_run(slurm_conf, unprivileged_user, user_dir):
+    made: list[SlurmRun] = []
+
+    def make(rows: int, slurm: dict | None = None, step_s: float = 0.3) -> SlurmRun:
+        r = SlurmRun(unprivileged_user, user_dir, slurm_conf, rows, slurm or {}, step_s)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:  # nothing keeps running after a test, pass or fail
+        for job_id in r.job_ids:
+            subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
+        for job_id in r.job_ids:
+            r.wait_ended(job_id, 60)
+
+
+def preempt_both_nodes() -> str:
+    """A job in the high partition that needs every CPU of both nodes: it preempts whatever runs there."""
+    out = subprocess.run(["sbatch", "-p", "high", "-N2", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 1"],
+                         capture_output=True, text=True, check=True, timeout=30)
+    return re.search(r"(\d+)", out.stdout).group(1)
+
+
+def test_submit_dry_run_prints_the_sbatch_script_with_overrides(slurm_run):
+    r = slurm_run(rows=3, slurm={"nodes": 2, "gpus_per_node": 1, "partition": "debug", "extra": {"comment": "x"}})
+    out = r.cli("submit", str(r.job), "--dry-run", "--nodes", "1", "--time-min", "7")
+    assert out.returncode == 0, out.stderr
+    flags = {line for line in out.stdout.splitlines() if line.startswith("#SBATCH")}
+    assert {"#SBATCH --nodes=1", "#SBATCH --time=7", "#SBATCH --gpus-per-node=1", "#SBATCH --partition=debug",
+            "#SBATCH --ntasks-per-node=1", "#SBATCH --requeue", "#SBATCH --signal=USR2@10",
+            "#SBATCH --comment=x"} <= flags
+    assert "srun" in out.stdout and "submitit.core._submit" in out.stdout
+    assert not r.run_dir.exists()  # a dry run submits and creates nothing
+
+
+def test_sbatch_script_runs_the_entry_on_every_node(slurm_run):
+    r = slurm_run(rows=3, slurm={"nodes": 2})
+    out = r.cli("sbatch-script", str(r.job))
+    assert out.returncode == 0, out.stderr
+    assert "#SBATCH --nodes=2" in out.stdout and "#SBATCH --signal=USR2@10" in out.stdout
+    assert re.search(r"srun .*-m matrix_hpc\.slurm\.entry \S+/job\.yaml \S+/out", out.stdout)
+    assert json.loads((r.run_dir / "slurm" / "options.json").read_text())["max_requeues"] == 10
+
+
+def test_unknown_slurm_key_is_a_file_line_error(slurm_run):
+    r = slurm_run(rows=3)
+    r.job.write_text(r.job.read_text().replace('"time_min"', '"partiton": "x", "time_min"'))
+    out = r.cli("submit", str(r.job))
+    assert out.returncode == 2
+    assert re.search(r"job\.yaml:\d+: slurm\.partiton: unknown key", out.stderr), out.stderr
+
+
+@pytest.mark.parametrize("settings, reason", [
+    (["--partition", "nosuch"], "invalid partition specified: nosuch"),
+    (["--gpus-per-node", "3"], "Requested node configuration is not available"),
+])
+def test_bad_settings_are_refused_at_submit_with_slurms_reason(slurm_run, settings, reason):
+    r = slurm_run(rows=3)
+    out = r.cli("submit", str(r.job), *settings)
+    assert out.returncode == 2
+    assert "Slurm refused the job" in out.stderr and reason in out.stderr, out.stderr
+    assert not (r.run_dir / "slurm" / "job_id").exists()
+
+
+def test_node_local_run_directory_is_refused_for_several_nodes(slurm_run):
+    r = slurm_run(rows=3, slurm={"nodes": 2})
+    r.env.pop("MATRIX_HPC_NODE_LOCAL_PATHS")  # the default: /tmp is private to each node
+    out = r.cli("submit", str(r.job))
+    assert out.returncode == 2
+    assert f"the run directory {r.run_dir} is on a node-local path (/tmp)" in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_two_node_run_commits_every_row_once_with_steps_on_both_nodes(slurm_run):
+    r = slurm_run(rows=40, slurm={"nodes": 2})
+    job_id = r.submit()
+    again = r.cli("submit", str(r.job))  # never submitted twice
+    assert again.returncode == 2 and f"as Slurm job {job_id}" in again.stderr, again.stderr
+    r.wait_ended(job_id, 240)
+    r.check_complete()
+    assert sum(r.calls().values()) == 40 * STEPS  # no step ran twice
+    assert r.nodes_that_ran_steps() == {"node1", "node2"}
+    status = r.cli("status", str(r.run_dir))
+    assert re.search(r"slurm: job \d+ completed", status.stdout), status.stdout
+    logs = r.cli("logs", str(r.run_dir), "--node", "1")
+    assert "node 1/2 node2 (127.0.0.3)" in logs.stdout, logs.stdout
+
+
+@pytest.mark.slow
+def test_preemption_checkpoints_requeues_and_resumes_then_cancel_and_resume(slurm_run):
+    rows = 120
+    r = slurm_run(rows=rows, slurm={"nodes": 2}, step_s=0.5)
+    job_id = r.submit()
+    r.wait(lambda: len(r.committed()) >= 1 and any(s > 0 for s in r.snapshot_steps().values()), 180,
+           "a first commit and a snapshot with tasks part-way through")
+    preempt_both_nodes()
+    r.wait(lambda: any((r.run_dir / "slurm" / "ray").glob(f"{job_id}.1")), 120, "the requeued job to start")
+    snapshot = r.snapshot_steps()  # the checkpoint taken on USR2, the last before the requeue
+    committed = r.committed()
+    before = r.calls()
+    assert len(committed) < rows, "the run finished before the preemption"
+
+    # The requeued job runs; cancel it (checkpoint first), then resume it with a new submission.
+    r.wait(lambda: len(r.committed()) > len(committed), 180, "the requeued job's first new commit")
+    cancelled = r.cli("cancel", str(r.run_dir), timeout=180)
+    assert cancelled.returncode == 0 and "checkpointed and stopped" in cancelled.stdout, cancelled.stdout
+    assert len(r.committed()) < rows, "the run finished before the cancel"
+    resumed = r.cli("resume", str(r.run_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    new_id = re.search(r"as Slurm job (\d+)", resumed.stdout).group(1)
+    r.job_ids.append(new_id)
+    r.wait_ended(new_id, 240)
+
+    r.check_complete()
+    after = r.calls()
+    for tid in committed:  # committed rows were not run again
+        assert after[(tid, str(STEPS - 1))] == before[(tid, str(STEPS - 1))] == 1
+    mid_way = [tid for tid, step in snapshot.items() if tid not in committed and step > 0]
+    assert mid_way, "no task was part-way through at the preemption"
+    for tid in mid_way:  # continued from the saved step: the earlier steps ran once
+        for s in range(snapshot[tid]):
+            assert after[(tid, str(s))] == 1, (tid, s, snapshot[tid])
+    status = r.cli("status", str(r.run_dir))
+    assert f"committed   {rows} (100.0%)" in status.stdout and "completed" in status.stdout, status.stdout
+
+
+@pytest.mark.slow
+def test_a_worker_that_cannot_join_fails_the_run_with_its_log(slurm_run):
+    r = slurm_run(rows=5, slurm={"nodes": 2})
+    # A real `ray start` failure on the second node only: an argument it rejects.
+    job_id = r.submit("--ray-worker-args=--resources=not-json")
+    r.wait_ended(job_id, 180)
+    err = (r.run_dir / "slurm" / f"{job_id}_0_log.err").read_text()
+    assert "node 1 of the allocation could not join Ray" in err, err
+    assert "--resources=not-json" in err  # the tail of the worker's own log
+    state = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-o", "State"], capture_output=True, text=True,
+                           timeout=30).stdout
+    assert "FAILED" in state, state
