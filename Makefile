@@ -46,8 +46,9 @@ lint: venv
 protos: venv
 	$(PY) -m matrix_hpc.protogen
 
+# The Slurm tests need the local Slurm of slurm/: started here (as root) and stopped after the suite.
 test: setup lint
-	$(PY) -m pytest
+	bash slurm/with-local-slurm.sh $(PY) -m pytest
 
 # Each prints its figures; benchmarks/README.md records them with the machine they ran on.
 bench: setup
@@ -57,3 +58,4 @@ bench: setup
 	$(PY) benchmarks/bench_llm.py
 	$(PY) benchmarks/bench_sandbox.py
 	$(PY) benchmarks/bench_auth.py
+	bash slurm/with-local-slurm.sh $(PY) benchmarks/bench_slurm.py

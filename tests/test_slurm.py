@@ -67,7 +67,7 @@ def slurm_conf() -> str:
 class SlurmRun:
     """A job folder owned by the test user, and `matrix-hpc` run as that user against the local Slurm."""
 
-    def __init__(self, user, folder: Path, conf: str, rows: int, slurm: dict, step_s: float):
+    def __init__(self, user, folder: Path, conf: str, rows: int, slurm: dict, step_s: float, in_flight: int):
         self.user, self.dir, self.rows = user, folder / "job", rows
         self.run_dir = self.dir / "out"
         self.env = {"SLURM_CONF": conf, "MATRIX_HPC_NODE_LOCAL_PATHS": "", "STEP_S": str(step_s),
@@ -82,7 +82,8 @@ class SlurmRun:
                 "payload": {"proto": "item.proto", "type": "tests.slurmjob.Item"},
                 "roles": {"ping": {"agent": "agents:ping", "replicas": 2}, "pong": {"agent": "agents:pong", "replicas": 2}},
                 "first_role": "ping",
-                "run": {"output_dir": "out", "commit_interval_s": 0.2, "checkpoint_interval_s": 1},
+                "run": {"output_dir": "out", "commit_interval_s": 0.2, "checkpoint_interval_s": 1,
+                        "max_in_flight": in_flight},
                 "slurm": {"time_min": 10, "signal_delay_s": 10, **slurm}}
         (self.dir / "job.yaml").write_text(json.dumps(spec, indent=1))
         for p in [folder, *folder.rglob("*")]:
@@ -136,8 +137,17 @@ class SlurmRun:
         self.wait(lambda: self.state(job_id) == "", timeout, f"job {job_id} to end")
 
     def snapshot_steps(self) -> dict[str, int]:
-        tasks, _ = RunStore.open(self.run_dir).latest_snapshot()
-        return {t.task_id: t.step for t in map(task_pb2.Task.FromString, tasks)}
+        """The latest snapshot's task -> step ({} before the first). Read while the run writes the
+        next one: a read that catches a snapshot half-written (KeyError in the store) is read again."""
+        for _ in range(50):
+            try:
+                snap = RunStore.open(self.run_dir).latest_snapshot()
+                break
+            except Exception:  # noqa: BLE001 - no store yet, or a snapshot being written
+                time.sleep(0.05)
+        else:
+            snap = None
+        return {t.task_id: t.step for t in map(task_pb2.Task.FromString, snap[0])} if snap else {}
 
     def check_complete(self) -> None:
         store = RunStore.open(self.run_dir)
@@ -153,8 +163,8 @@ class SlurmRun:
 def slurm_run(slurm_conf, unprivileged_user, user_dir):
     made: list[SlurmRun] = []
 
-    def make(rows: int, slurm: dict | None = None, step_s: float = 0.3) -> SlurmRun:
-        r = SlurmRun(unprivileged_user, user_dir, slurm_conf, rows, slurm or {}, step_s)
+    def make(rows: int, slurm: dict | None = None, step_s: float = 0.3, in_flight: int = 1000) -> SlurmRun:
+        r = SlurmRun(unprivileged_user, user_dir, slurm_conf, rows, slurm or {}, step_s, in_flight)
         made.append(r)
         return r
 
@@ -241,7 +251,8 @@ def test_two_node_run_commits_every_row_once_with_steps_on_both_nodes(slurm_run)
 @pytest.mark.slow
 def test_preemption_checkpoints_requeues_and_resumes_then_cancel_and_resume(slurm_run):
     rows = 120
-    r = slurm_run(rows=rows, slurm={"nodes": 2}, step_s=0.5)
+    # 10 rows in flight at a time, 6 steps of 0.5 s: about 36 s of work, in waves.
+    r = slurm_run(rows=rows, slurm={"nodes": 2}, step_s=0.5, in_flight=10)
     job_id = r.submit()
     r.wait(lambda: len(r.committed()) >= 1 and any(s > 0 for s in r.snapshot_steps().values()), 180,
            "a first commit and a snapshot with tasks part-way through")

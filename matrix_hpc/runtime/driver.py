@@ -150,6 +150,7 @@ class _Run:
         return d
 
     def _start_actors(self, endpoints: dict, restore: list[bytes], skip: set[str]) -> None:
+        # Agents spread over the cluster's nodes (on a cluster, a role's replicas land on different nodes).
         directory = self._names()
         opts = {"max_concurrency": 10_000}
         self.term.phase(describe_actors(self.spec))
@@ -164,7 +165,8 @@ class _Run:
         self.agents = {
             role: [
                 ray.remote(titled(AgentActor, role, label))
-                .options(name=name, num_cpus=rs.num_cpus, num_gpus=rs.num_gpus, max_restarts=-1, **opts)
+                .options(name=name, num_cpus=rs.num_cpus, num_gpus=rs.num_gpus, max_restarts=-1,
+                         scheduling_strategy="SPREAD", **opts)
                 .remote(self.job, role, directory, endpoints)
                 for name in directory[role]
             ]
