@@ -19,9 +19,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import PROTO
 from matrix_hpc.v1 import task_pb2
 
-from conftest import PROTO
 from matrix_hpc.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
