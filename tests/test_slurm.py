@@ -126,11 +126,15 @@ class SlurmRun:
                          for p in sorted((self.run_dir / "slurm").rglob("*.err")) + sorted(
                              (self.run_dir / "slurm").rglob("node-*.log")))
 
-    def wait(self, condition, timeout: float, what: str) -> None:
+    def wait(self, condition, timeout: float, what: str, job_id: str | None = None) -> None:
+        """Poll ``condition`` until it holds; fail with the run's logs on the deadline, or at once if
+        ``job_id`` has ended meanwhile."""
         end = time.monotonic() + timeout
         while not condition():
             if time.monotonic() > end:
                 raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
+            if job_id and self.state(job_id) == "" and not condition():
+                raise AssertionError(f"job {job_id} ended before {what}\n{self.logs()}")
             time.sleep(0.5)
 
     def wait_ended(self, job_id: str, timeout: float) -> None:
@@ -233,17 +237,27 @@ def test_node_local_run_directory_is_refused_for_several_nodes(slurm_run):
 
 
 @pytest.mark.slow
-def test_two_node_run_commits_every_row_once_with_steps_on_both_nodes(slurm_run):
-    r = slurm_run(rows=40, slurm={"nodes": 2})
+def test_two_node_run_hits_its_time_limit_requeues_and_commits_every_row_once(slurm_run):
+    rows = 200
+    # 10 rows in flight, 6 steps of 0.5 s: about 60 s of work, spread over both nodes.
+    r = slurm_run(rows=rows, slurm={"nodes": 2, "signal_delay_s": 60}, step_s=0.5, in_flight=10)
     job_id = r.submit()
     again = r.cli("submit", str(r.job))  # never submitted twice
     assert again.returncode == 2 and f"as Slurm job {job_id}" in again.stderr, again.stderr
+    r.wait(lambda: len(r.committed()) >= 1, 180, "the first commit", job_id)
+    # Shorten the time limit of the running job: Slurm sends USR2 signal_delay_s before it ends
+    # (give or take its 30 s timer), the run checkpoints and requeues itself.
+    subprocess.run(["scontrol", "update", f"jobid={job_id}", "timelimit=2"], check=True, timeout=30)
+    r.wait(lambda: any((r.run_dir / "slurm" / "ray").glob(f"{job_id}.1")), 150, "the requeued job to start")
+    subprocess.run(["scontrol", "update", f"jobid={job_id}", "timelimit=10"], check=True, timeout=30)
+    first_err = (r.run_dir / "slurm" / f"{job_id}_0_log.err").read_text()
+    assert "got SIGUSR2" in first_err and f"requeueing job {job_id}" in first_err, first_err
     r.wait_ended(job_id, 240)
+
     r.check_complete()
-    assert sum(r.calls().values()) == 40 * STEPS  # no step ran twice
     assert r.nodes_that_ran_steps() == {"node1", "node2"}
     status = r.cli("status", str(r.run_dir))
-    assert re.search(r"slurm: job \d+ completed", status.stdout), status.stdout
+    assert re.search(rf"slurm: job {job_id} completed.*requeued 1 time", status.stdout), status.stdout
     logs = r.cli("logs", str(r.run_dir), "--node", "1")
     assert "node 1/2 node2 (127.0.0.3)" in logs.stdout, logs.stdout
 
@@ -255,7 +269,7 @@ def test_preemption_checkpoints_requeues_and_resumes_then_cancel_and_resume(slur
     r = slurm_run(rows=rows, slurm={"nodes": 2}, step_s=0.5, in_flight=10)
     job_id = r.submit()
     r.wait(lambda: len(r.committed()) >= 1 and any(s > 0 for s in r.snapshot_steps().values()), 180,
-           "a first commit and a snapshot with tasks part-way through")
+           "a first commit and a snapshot with tasks part-way through", job_id)
     preempt_both_nodes()
     r.wait(lambda: any((r.run_dir / "slurm" / "ray").glob(f"{job_id}.1")), 120, "the requeued job to start")
     snapshot = r.snapshot_steps()  # the checkpoint taken on USR2, the last before the requeue

@@ -96,10 +96,14 @@ class RayNode:
     def start(self, *, head_port: int | None = None, head_address: str | None = None) -> None:
         self.temp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         ray = str(Path(sys.executable).with_name("ray"))
+        # Ports Ray would otherwise take at fixed defaults, free on this node now: another Ray on the
+        # same machine (another user's, or another job's) holds the defaults.
         argv = [ray, "start", "--block", f"--node-ip-address={self.node.ip}", f"--num-cpus={self.node.cpus}",
-                f"--num-gpus={self.node.gpus}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
+                f"--num-gpus={self.node.gpus}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+                f"--dashboard-agent-listen-port={free_port(self.node.ip)}"]
         if head_port is not None:
-            argv += ["--head", f"--port={head_port}", "--include-dashboard=false"]
+            argv += ["--head", f"--port={head_port}", "--include-dashboard=false",
+                     f"--ray-client-server-port={free_port(self.node.ip)}"]
         else:
             argv += [f"--address={head_address}"]
         argv += self.extra_args
