@@ -257,7 +257,7 @@ def test_two_node_run_hits_its_time_limit_requeues_and_commits_every_row_once(sl
     r.check_complete()
     assert r.nodes_that_ran_steps() == {"node1", "node2"}
     status = r.cli("status", str(r.run_dir))
-    assert re.search(rf"slurm: job {job_id} completed.*requeued 1 time", status.stdout), status.stdout
+    assert re.search(rf"slurm +job {job_id} completed.*requeued 1 time", status.stdout), status.stdout
     logs = r.cli("logs", str(r.run_dir), "--node", "1")
     assert "node 1/2 node2 (127.0.0.3)" in logs.stdout, logs.stdout
 

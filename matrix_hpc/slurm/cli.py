@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import shlex
 import subprocess
@@ -164,20 +166,28 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _status_with_slurm(args: argparse.Namespace, inner) -> int:
+    """Today's totals plus the Slurm job's state; a run still pending in Slurm has no store yet."""
     from matrix_hpc.slurm.status import slurm_state
 
-    code = inner(args)
     state = slurm_state(args.run_dir)
     if state is None:
-        return code
+        return inner(args)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = inner(args)
     if getattr(args, "json", False):
-        print(json.dumps({"slurm": state}))
+        totals = json.loads(out.getvalue()) if code == 0 else {"store": "not created yet"}
+        print(json.dumps({**totals, "slurm": state}, indent=2))
+        return 0
+    if code == 0:
+        print(out.getvalue(), end="")
     else:
-        where = f" on {state['nodes']}" if state.get("nodes") and state["nodes"] != "None assigned" else ""
-        reason = f" ({state['reason']})" if state.get("reason") not in (None, "", "None") else ""
-        print(f"slurm: job {state['job_id']} {state['state'].lower()}{reason}{where}; "
-              f"requeued {state['requeues']} time(s)")
-    return code
+        print("store       not created yet (the job has not started)")
+    where = f" on {state['nodes']}" if state.get("nodes") and state["nodes"] != "(null)" else ""
+    reason = f" ({state['reason']})" if state.get("reason") not in (None, "", "None") else ""
+    print(f"slurm       job {state['job_id']} {state['state'].lower()}{reason}{where}; "
+          f"requeued {state['requeues']} time(s)")
+    return 0
 
 
 def _resume_on_slurm(args: argparse.Namespace, inner) -> int:
