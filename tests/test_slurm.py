@@ -40,6 +40,13 @@ def _count(ctx):
 
 async def ping(item, ctx):
     await asyncio.sleep(float(os.environ.get("STEP_S", "0.3")))
+    try:
+        llm = ctx.llm("echo")  # declared by the jobs that test a service across the nodes
+    except KeyError:
+        llm = None
+    if llm is not None:
+        reply = await llm.chat(f"{{ctx.task_id}} {{ctx.step}}")
+        assert reply.text == f"{{ctx.task_id}} {{ctx.step}}", reply.text
     _count(ctx)
     item.path.append(f"ping{{ctx.step}}")
     return "pong"
@@ -67,7 +74,8 @@ def slurm_conf() -> str:
 class SlurmRun:
     """A job folder owned by the test user, and `matrix-hpc` run as that user against the local Slurm."""
 
-    def __init__(self, user, folder: Path, conf: str, rows: int, slurm: dict, step_s: float, in_flight: int):
+    def __init__(self, user, folder: Path, conf: str, rows: int, slurm: dict, step_s: float, in_flight: int,
+                 services: dict):
         self.user, self.dir, self.rows = user, folder / "job", rows
         self.run_dir = self.dir / "out"
         self.env = {"SLURM_CONF": conf, "MATRIX_HPC_NODE_LOCAL_PATHS": "", "STEP_S": str(step_s),
@@ -81,7 +89,7 @@ class SlurmRun:
         spec = {"name": "slurmjob", "dataset": {"path": "data.jsonl", "id_field": "id"},
                 "payload": {"proto": "item.proto", "type": "tests.slurmjob.Item"},
                 "roles": {"ping": {"agent": "agents:ping", "replicas": 2}, "pong": {"agent": "agents:pong", "replicas": 2}},
-                "first_role": "ping",
+                "first_role": "ping", "services": services,
                 "run": {"output_dir": "out", "commit_interval_s": 0.2, "checkpoint_interval_s": 1,
                         "max_in_flight": in_flight},
                 "slurm": {"time_min": 10, "signal_delay_s": 10, **slurm}}
@@ -112,8 +120,10 @@ class SlurmRun:
         path = self.dir / "calls.log"
         return Counter(tuple(line.split()[:2]) for line in path.read_text().splitlines()) if path.exists() else Counter()
 
-    def nodes_that_ran_steps(self) -> set[str]:
-        return {line.split()[2] for line in (self.dir / "calls.log").read_text().splitlines()}
+    def nodes_that_ran_steps(self, role_parity: int | None = None) -> set[str]:
+        """Nodes that ran steps (only the ping steps, the even ones, with ``role_parity=0``)."""
+        lines = [line.split() for line in (self.dir / "calls.log").read_text().splitlines()]
+        return {node for _, step, node in lines if role_parity is None or int(step) % 2 == role_parity}
 
     def committed(self) -> set[str]:
         try:
@@ -167,8 +177,9 @@ class SlurmRun:
 def slurm_run(slurm_conf, unprivileged_user, user_dir):
     made: list[SlurmRun] = []
 
-    def make(rows: int, slurm: dict | None = None, step_s: float = 0.3, in_flight: int = 1000) -> SlurmRun:
-        r = SlurmRun(unprivileged_user, user_dir, slurm_conf, rows, slurm or {}, step_s, in_flight)
+    def make(rows: int, slurm: dict | None = None, step_s: float = 0.3, in_flight: int = 1000,
+             services: dict | None = None) -> SlurmRun:
+        r = SlurmRun(unprivileged_user, user_dir, slurm_conf, rows, slurm or {}, step_s, in_flight, services or {})
         made.append(r)
         return r
 
@@ -208,6 +219,18 @@ def test_sbatch_script_runs_the_entry_on_every_node(slurm_run):
     assert json.loads((r.run_dir / "slurm" / "options.json").read_text())["max_requeues"] == 10
 
 
+def test_a_node_gets_what_slurm_granted_and_its_cluster_address(slurm_conf):
+    from matrix_hpc.slurm.bootstrap import Node
+
+    env = {"SLURM_PROCID": "1", "SLURM_NNODES": "2", "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "3",
+           "SLURMD_NODENAME": "node2", "SLURM_CPUS_ON_NODE": "2", "CUDA_VISIBLE_DEVICES": "0,1",
+           "SLURM_GPUS_ON_NODE": "2"}
+    assert Node.from_env(env) == Node(rank=1, num_nodes=2, job_id="77", restart=3, name="node2", ip="127.0.0.3",
+                                      cpus=2, gpus=2)
+    no_gpu = Node.from_env({**env, "CUDA_VISIBLE_DEVICES": "", "SLURM_GPUS_ON_NODE": "0", "SLURMD_NODENAME": "node1"})
+    assert (no_gpu.gpus, no_gpu.ip) == (0, "127.0.0.2")
+
+
 def test_unknown_slurm_key_is_a_file_line_error(slurm_run):
     r = slurm_run(rows=3)
     r.job.write_text(r.job.read_text().replace('"time_min"', '"partiton": "x", "time_min"'))
@@ -239,8 +262,10 @@ def test_node_local_run_directory_is_refused_for_several_nodes(slurm_run):
 @pytest.mark.slow
 def test_two_node_run_hits_its_time_limit_requeues_and_commits_every_row_once(slurm_run):
     rows = 200
-    # 10 rows in flight, 6 steps of 0.5 s: about 60 s of work, spread over both nodes.
-    r = slurm_run(rows=rows, slurm={"nodes": 2, "signal_delay_s": 60}, step_s=0.5, in_flight=10)
+    # 10 rows in flight, 6 steps of 0.5 s: about 60 s of work, spread over both nodes; every ping
+    # step calls an LLM service (the scripted stand-in, one replica on one of the nodes).
+    r = slurm_run(rows=rows, slurm={"nodes": 2, "signal_delay_s": 60}, step_s=0.5, in_flight=10,
+                  services={"llm": {"echo": {"backend": "scripted"}}})
     job_id = r.submit()
     again = r.cli("submit", str(r.job))  # never submitted twice
     assert again.returncode == 2 and f"as Slurm job {job_id}" in again.stderr, again.stderr
@@ -255,7 +280,9 @@ def test_two_node_run_hits_its_time_limit_requeues_and_commits_every_row_once(sl
     r.wait_ended(job_id, 240)
 
     r.check_complete()
-    assert r.nodes_that_ran_steps() == {"node1", "node2"}
+    assert r.nodes_that_ran_steps(role_parity=0) == {"node1", "node2"}  # ping steps, each calling the LLM
+    # The replica bound its node's cluster address (127.0.0.2 or .3 here), not loopback's 127.0.0.1.
+    assert re.search(r"LLM 'echo': 1 replica\(s\) serving .*127\.0\.0\.[23]:\d+", first_err), first_err
     status = r.cli("status", str(r.run_dir))
     assert re.search(rf"slurm +job {job_id} completed.*requeued 1 time", status.stdout), status.stdout
     logs = r.cli("logs", str(r.run_dir), "--node", "1")

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,13 +193,13 @@ def _accepts(ip: str, port: int) -> bool:
         return s.connect_ex((ip, port)) == 0
 
 
-def wait_for_nodes(node: Node, adir: Path, timeout: float) -> None:
-    """Until every node of the allocation is an alive Ray node; a node that failed to join, or the
-    deadline, raises with the failing node's log."""
+def wait_for_nodes(node: Node, adir: Path, timeout: float, stop: threading.Event | None = None) -> None:
+    """Until every node of the allocation is an alive Ray node (or ``stop`` is set); a node that
+    failed to join, or the deadline, raises with the failing node's log."""
     import ray
 
     end = time.monotonic() + timeout
-    while True:
+    while not (stop and stop.is_set()):
         failed = sorted(adir.glob("node-*.failed"))
         if failed:
             rank = failed[0].name.split("-")[1].split(".")[0]

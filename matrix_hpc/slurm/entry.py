@@ -96,16 +96,20 @@ def _run_head(node: Node, adir: Path, job_path: Path, run_dir: Path, options: Op
     try:
         ray_node, address = bootstrap.start_head(node, adir, list(options.ray_head_args), options.nodes_timeout_s)
         os.environ["RAY_ADDRESS"] = address
-        bootstrap.wait_for_nodes(node, adir, options.nodes_timeout_s)
-        log.info("all %d node(s) joined Ray at %s", node.num_nodes, address)
-        summary = _drive(job_path, run_dir, stop)
+        bootstrap.wait_for_nodes(node, adir, options.nodes_timeout_s, stop)
+        if stop.is_set():  # signalled while Ray came up: nothing ran yet, nothing to checkpoint
+            interrupted = True
+        else:
+            log.info("all %d node(s) joined Ray at %s", node.num_nodes, address)
+            summary = _drive(job_path, run_dir, stop)
+            interrupted = summary.interrupted
     finally:
         (adir / "done").write_text("")
         if ray.is_initialized():
             ray.shutdown()
         if ray_node is not None:
             ray_node.stop()
-    if not summary.interrupted:
+    if not interrupted:
         log.info("finished: %d done, %d failed", summary.done, summary.failed)
         return 0
     return _after_interruption(node, run_dir, options, signals)
