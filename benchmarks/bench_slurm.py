@@ -11,6 +11,7 @@ Usage: .venv/bin/python benchmarks/bench_slurm.py [--preemptions 10]
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from matrix_hpc.v1 import task_pb2  # noqa: E402
 
 from matrix_hpc.store import RunStore  # noqa: E402
 
+print = functools.partial(print, flush=True)  # noqa: A001 - figures appear as they come
 STEPS = 6
 PROTO = 'syntax = "proto3";\npackage bench.slurm;\nmessage Item { string text = 1; repeated string path = 2; }\n'
 AGENTS = f"""
@@ -70,11 +72,15 @@ def committed(run_dir: Path) -> int:
         return 0
 
 
-def wait_until(condition, timeout: float, what: str) -> float:
+def wait_until(condition, timeout: float, what: str, job_id: str | None = None) -> float:
     end = time.monotonic() + timeout
+    polls = 0
     while not condition():
+        polls += 1
         if time.monotonic() > end:
             raise SystemExit(f"timed out waiting for {what}")
+        if job_id and polls % 20 == 0 and squeue_state(job_id) == "" and not condition():
+            raise SystemExit(f"job {job_id} ended before {what}")
         time.sleep(0.05)
     return time.monotonic()
 
@@ -104,7 +110,7 @@ def main() -> None:
                              capture_output=True, text=True, check=True).stdout
         job_id = re.search(r"submitted Slurm job (\d+)", out).group(1)
         try:
-            first = wait_until(lambda: committed(run_dir) >= 1, 600, "the first commit")
+            first = wait_until(lambda: committed(run_dir) >= 1, 600, "the first commit", job_id)
             print(f"submit -> first committed row (2 nodes): {first - t0:.1f} s")
             resumes = []
             for i in range(args.preemptions):
@@ -113,8 +119,9 @@ def main() -> None:
                     print(f"the run finished after {i} preemption(s)")
                     break
                 signal_at = preempt()
-                wait_until(lambda n=i + 1: (run_dir / "slurm" / "ray" / f"{job_id}.{n}").exists(), 600, "the requeue")
-                new = wait_until(lambda b=before: committed(run_dir) > b, 600, "a new commit after the requeue")
+                wait_until(lambda n=i + 1: (run_dir / "slurm" / "ray" / f"{job_id}.{n}").exists(), 600, "the requeue",
+                           job_id)
+                new = wait_until(lambda b=before: committed(run_dir) > b, 600, "a new commit after the requeue", job_id)
                 resumes.append(new - signal_at)
                 print(f"preemption {i + 1}: signal -> requeued job's first new commit {resumes[-1]:.1f} s")
             wait_until(lambda: squeue_state(job_id) == "", 1200, "the run to finish")

@@ -13,6 +13,7 @@ Files shared through the run directory (a filesystem every node sees), one folde
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -24,7 +25,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+log = logging.getLogger("matrix_hpc.slurm")
+
 _POLL_S = 0.2
+START_ATTEMPTS = 3  # `ray start` of a node, before the run fails
 LOG_TAIL_LINES = 30
 
 # Set in every process of a Slurm run (the Ray daemons inherit it): services bind the node's
@@ -164,27 +168,43 @@ def attempt_dir(run_dir: Path, node: Node) -> Path:
 
 
 def start_head(node: Node, adir: Path, extra_args: list[str], timeout: float) -> tuple[RayNode, str]:
-    """Start the head on this node and connect this process to it as the driver; return its address."""
+    """Start the head on this node and connect this process to it as the driver; return its address.
+    A start that fails (Ray gives a node 30 s to register, which a loaded machine can miss) is retried."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        ray_node = RayNode(node, adir, extra_args)
+        try:
+            address = _start_and_connect(ray_node, node, timeout)
+        except Exception as e:  # noqa: BLE001 - retried, then reported with the node's log
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+            ray_node.stop()
+            if attempt == START_ATTEMPTS:
+                raise BootstrapError(f"the Ray head on {node.name} did not come up ({e}); "
+                                     f"{ray_node.log_path}:\n{ray_node.log_tail()}") from None
+            log.warning("the Ray head on %s did not come up (%s); starting it again", node.name, e)
+            continue
+        (adir / "head.tmp").write_text(address)
+        (adir / "head.tmp").rename(adir / "head")
+        return ray_node, address
+    raise AssertionError("unreachable")
+
+
+def _start_and_connect(ray_node: RayNode, node: Node, timeout: float) -> str:
     import ray
 
-    ray_node = RayNode(node, adir, extra_args)
     port = free_port(node.ip)
     ray_node.start(head_port=port)
-    address = f"{node.ip}:{port}"
     end = time.monotonic() + timeout
     while not _accepts(node.ip, port):
         if ray_node.exited() is not None:
-            raise BootstrapError(f"the Ray head on {node.name} exited ({ray_node.exited()}); "
-                                 f"{ray_node.log_path}:\n{ray_node.log_tail()}")
+            raise RuntimeError(f"`ray start` exited with {ray_node.exited()}")
         if time.monotonic() > end:
-            ray_node.stop()
-            raise BootstrapError(f"the Ray head on {node.name} did not come up within {timeout:.0f}s; "
-                                 f"{ray_node.log_path}:\n{ray_node.log_tail()}")
+            raise RuntimeError(f"no answer on {node.ip}:{port} within {timeout:.0f}s")
         time.sleep(_POLL_S)
-    ray.init(address=address, _node_ip_address=node.ip, log_to_driver=False)
-    (adir / "head.tmp").write_text(address)
-    (adir / "head.tmp").rename(adir / "head")
-    return ray_node, address
+    ray.init(address=f"{node.ip}:{port}", _node_ip_address=node.ip, log_to_driver=False)
+    return f"{node.ip}:{port}"
 
 
 def _accepts(ip: str, port: int) -> bool:
@@ -228,17 +248,23 @@ def run_worker(node: Node, adir: Path, extra_args: list[str], timeout: float) ->
             (adir / f"node-{node.rank}.failed").write_text(f"no Ray head address within {timeout:.0f}s")
             return 1
         time.sleep(_POLL_S)
-    ray_node = RayNode(node, adir, extra_args)
-    ray_node.start(head_address=head_file.read_text().strip())
-    try:
-        while not done_file.exists():
-            code = ray_node.exited()
-            if code is not None:
-                if not done_file.exists():
-                    (adir / f"node-{node.rank}.failed").write_text(f"`ray start` exited with {code}")
-                    return 1
-                break
-            time.sleep(_POLL_S)
-        return 0
-    finally:
-        ray_node.stop()
+    address = head_file.read_text().strip()
+    for attempt in range(1, START_ATTEMPTS + 1):
+        ray_node = RayNode(node, adir, extra_args)
+        ray_node.start(head_address=address)
+        try:
+            while not done_file.exists():
+                code = ray_node.exited()
+                if code is not None:
+                    break
+                time.sleep(_POLL_S)
+            else:
+                return 0
+        finally:
+            ray_node.stop()
+        if done_file.exists():
+            return 0
+        if attempt < START_ATTEMPTS:
+            log.warning("`ray start` on %s exited with %s; joining again", node.name, code)
+    (adir / f"node-{node.rank}.failed").write_text(f"`ray start` exited with {code}, {START_ATTEMPTS} times")
+    return 1
