@@ -169,8 +169,21 @@ class SlurmRun:
         assert Counter(t.task_id for t in got) == Counter({f"r{i}#0": 1 for i in range(self.rows)})
         assert all(t.status == task_pb2.TASK_STATUS_DONE and t.step == STEPS for t in got)
         calls = self.calls()
-        for i in range(self.rows):  # the last step of every row ran exactly once
-            assert calls[(f"r{i}#0", str(STEPS - 1))] == 1, (i, self.logs())
+        assert all(calls[(f"r{i}#0", str(s))] >= 1 for i in range(self.rows) for s in range(STEPS))
+
+    def check_continued(self, before: Counter, snapshot: dict[str, int], committed: set[str]) -> None:
+        """After an interruption (``before``: the step counts then; ``snapshot``: the checkpoint it
+        took; ``committed``: the rows committed by then): committed rows never ran again, and tasks
+        part-way through continued from their saved step, so their earlier steps ran once. (The step
+        a task was inside at the checkpoint runs again: its result was not saved.)"""
+        after = self.calls()
+        for tid in committed:
+            assert after[(tid, str(STEPS - 1))] == before[(tid, str(STEPS - 1))] == 1, tid
+        mid_way = [tid for tid, step in snapshot.items() if tid not in committed and step > 0]
+        assert mid_way, "no task was part-way through at the interruption"
+        for tid in mid_way:
+            for s in range(snapshot[tid]):
+                assert after[(tid, str(s))] == 1, (tid, s, snapshot[tid])
 
 
 @pytest.fixture
@@ -275,11 +288,14 @@ def test_two_node_run_hits_its_time_limit_requeues_and_commits_every_row_once(sl
     subprocess.run(["scontrol", "update", f"jobid={job_id}", "timelimit=2"], check=True, timeout=30)
     r.wait(lambda: any((r.run_dir / "slurm" / "ray").glob(f"{job_id}.1")), 150, "the requeued job to start")
     subprocess.run(["scontrol", "update", f"jobid={job_id}", "timelimit=10"], check=True, timeout=30)
+    snapshot, committed, before = r.snapshot_steps(), r.committed(), r.calls()  # as the USR2 checkpoint left them
+    assert len(committed) < rows, "the run finished before its time limit"
     first_err = (r.run_dir / "slurm" / f"{job_id}_0_log.err").read_text()
     assert "got SIGUSR2" in first_err and f"requeueing job {job_id}" in first_err, first_err
     r.wait_ended(job_id, 240)
 
     r.check_complete()
+    r.check_continued(before, snapshot, committed)
     assert r.nodes_that_ran_steps(role_parity=0) == {"node1", "node2"}  # ping steps, each calling the LLM
     # The replica bound its node's cluster address (127.0.0.2 or .3 here), not loopback's 127.0.0.1.
     assert re.search(r"LLM 'echo': 1 replica\(s\) serving .*127\.0\.0\.[23]:\d+", first_err), first_err
@@ -316,14 +332,7 @@ def test_preemption_checkpoints_requeues_and_resumes_then_cancel_and_resume(slur
     r.wait_ended(new_id, 240)
 
     r.check_complete()
-    after = r.calls()
-    for tid in committed:  # committed rows were not run again
-        assert after[(tid, str(STEPS - 1))] == before[(tid, str(STEPS - 1))] == 1
-    mid_way = [tid for tid, step in snapshot.items() if tid not in committed and step > 0]
-    assert mid_way, "no task was part-way through at the preemption"
-    for tid in mid_way:  # continued from the saved step: the earlier steps ran once
-        for s in range(snapshot[tid]):
-            assert after[(tid, str(s))] == 1, (tid, s, snapshot[tid])
+    r.check_continued(before, snapshot, committed)
     status = r.cli("status", str(r.run_dir))
     assert f"committed   {rows} (100.0%)" in status.stdout and "completed" in status.stdout, status.stdout
 
