@@ -275,9 +275,10 @@ def test_node_local_run_directory_is_refused_for_several_nodes(slurm_run):
 @pytest.mark.slow
 def test_two_node_run_hits_its_time_limit_requeues_and_commits_every_row_once(slurm_run):
     rows = 200
-    # 10 rows in flight, 6 steps of 0.5 s: about 60 s of work, spread over both nodes; every ping
-    # step calls an LLM service (the scripted stand-in, one replica on one of the nodes).
-    r = slurm_run(rows=rows, slurm={"nodes": 2, "signal_delay_s": 60}, step_s=0.5, in_flight=10,
+    # 40 rows in flight, 6 steps of 2 s: about 60 s of work, spread over both nodes; every ping step
+    # calls an LLM service (the scripted stand-in, one replica on one of the nodes). Steps this long
+    # keep tasks part-way through while the run stops (it commits what finishes meanwhile).
+    r = slurm_run(rows=rows, slurm={"nodes": 2, "signal_delay_s": 60}, step_s=2.0, in_flight=40,
                   services={"llm": {"echo": {"backend": "scripted"}}})
     job_id = r.submit()
     again = r.cli("submit", str(r.job))  # never submitted twice
@@ -307,9 +308,9 @@ def test_two_node_run_hits_its_time_limit_requeues_and_commits_every_row_once(sl
 
 @pytest.mark.slow
 def test_preemption_checkpoints_requeues_and_resumes_then_cancel_and_resume(slurm_run):
-    rows = 120
-    # 10 rows in flight at a time, 6 steps of 0.5 s: about 36 s of work, in waves.
-    r = slurm_run(rows=rows, slurm={"nodes": 2}, step_s=0.5, in_flight=10)
+    rows = 160
+    # 40 rows in flight at a time, 6 steps of 2 s: about 48 s of work, in waves.
+    r = slurm_run(rows=rows, slurm={"nodes": 2}, step_s=2.0, in_flight=40)
     job_id = r.submit()
     r.wait(lambda: len(r.committed()) >= 1 and any(s > 0 for s in r.snapshot_steps().values()), 180,
            "a first commit and a snapshot with tasks part-way through", job_id)
