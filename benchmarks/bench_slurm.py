@@ -121,6 +121,8 @@ def main() -> None:
                 signal_at = preempt()
                 wait_until(lambda n=i + 1: (run_dir / "slurm" / "ray" / f"{job_id}.{n}").exists(), 600, "the requeue",
                            job_id)
+                # Counted once the stopped job is gone: it commits the rows that finish while it stops.
+                before = committed(run_dir)
                 new = wait_until(lambda b=before: committed(run_dir) > b, 600, "a new commit after the requeue", job_id)
                 resumes.append(new - signal_at)
                 print(f"preemption {i + 1}: signal -> requeued job's first new commit {resumes[-1]:.1f} s")
