@@ -39,7 +39,7 @@ def _count(ctx):
     os.close(fd)
 
 async def ping(item, ctx):
-    await asyncio.sleep(float(os.environ.get("STEP_S", "0.3")))
+    await asyncio.sleep(float(os.environ.get("STEP_S", "0.3")) * (0.5 + ctx.random.random()))
     try:
         llm = ctx.llm("echo")  # declared by the jobs that test a service across the nodes
     except KeyError:
@@ -52,7 +52,7 @@ async def ping(item, ctx):
     return "pong"
 
 async def pong(item, ctx):
-    await asyncio.sleep(float(os.environ.get("STEP_S", "0.3")))
+    await asyncio.sleep(float(os.environ.get("STEP_S", "0.3")) * (0.5 + ctx.random.random()))
     _count(ctx)
     item.path.append(f"pong{{ctx.step}}")
     return DONE if ctx.step + 1 >= STEPS else "ping"
@@ -275,9 +275,9 @@ def test_node_local_run_directory_is_refused_for_several_nodes(slurm_run):
 @pytest.mark.slow
 def test_two_node_run_hits_its_time_limit_requeues_and_commits_every_row_once(slurm_run):
     rows = 200
-    # 40 rows in flight, 6 steps of 2 s: about 60 s of work, spread over both nodes; every ping step
-    # calls an LLM service (the scripted stand-in, one replica on one of the nodes). Steps this long
-    # keep tasks part-way through while the run stops (it commits what finishes meanwhile).
+    # 40 rows in flight, 6 steps of 1-3 s (jittered, so rows do not move in lockstep): about 60 s of
+    # work, spread over both nodes; every ping step calls an LLM service (the scripted stand-in, one
+    # replica on one of the nodes).
     r = slurm_run(rows=rows, slurm={"nodes": 2, "signal_delay_s": 60}, step_s=2.0, in_flight=40,
                   services={"llm": {"echo": {"backend": "scripted"}}})
     job_id = r.submit()
@@ -309,11 +309,11 @@ def test_two_node_run_hits_its_time_limit_requeues_and_commits_every_row_once(sl
 @pytest.mark.slow
 def test_preemption_checkpoints_requeues_and_resumes_then_cancel_and_resume(slurm_run):
     rows = 160
-    # 40 rows in flight at a time, 6 steps of 2 s: about 48 s of work, in waves.
+    # 40 rows in flight at a time, 6 steps of 1-3 s: about 48 s of work.
     r = slurm_run(rows=rows, slurm={"nodes": 2}, step_s=2.0, in_flight=40)
     job_id = r.submit()
-    r.wait(lambda: len(r.committed()) >= 1 and any(s > 0 for s in r.snapshot_steps().values()), 180,
-           "a first commit and a snapshot with tasks part-way through", job_id)
+    r.wait(lambda: (done := r.committed()) and any(s > 0 and t not in done for t, s in r.snapshot_steps().items()),
+           180, "a first commit and a snapshot with tasks part-way through", job_id)
     preempt_both_nodes()
     r.wait(lambda: any((r.run_dir / "slurm" / "ray").glob(f"{job_id}.1")), 120, "the requeued job to start")
     snapshot = r.snapshot_steps()  # the checkpoint taken on USR2, the last before the requeue
