@@ -291,7 +291,8 @@ def test_two_node_run_hits_its_time_limit_requeues_and_commits_every_row_once(sl
     subprocess.run(["scontrol", "update", f"jobid={job_id}", "timelimit=10"], check=True, timeout=30)
     snapshot, committed, before = r.snapshot_steps(), r.committed(), r.calls()  # as the USR2 checkpoint left them
     assert len(committed) < rows, "the run finished before its time limit"
-    first_err = (r.run_dir / "slurm" / f"{job_id}_0_log.err").read_text()
+    # Node 0's stderr, and the driver's log, where it writes while the run goes on.
+    first_err = (r.run_dir / "slurm" / f"{job_id}_0_log.err").read_text() + (r.run_dir / "logs" / "run.log").read_text()
     assert "got SIGUSR2" in first_err and f"requeueing job {job_id}" in first_err, first_err
     r.wait_ended(job_id, 240)
 
@@ -304,6 +305,8 @@ def test_two_node_run_hits_its_time_limit_requeues_and_commits_every_row_once(sl
     assert re.search(rf"slurm +job {job_id} completed.*requeued 1 time", status.stdout), status.stdout
     logs = r.cli("logs", str(r.run_dir), "--node", "1")
     assert "node 1/2 node2 (127.0.0.3)" in logs.stdout, logs.stdout
+    logs = r.cli("logs", str(r.run_dir))
+    assert "node 0/2 node1 (127.0.0.2)" in logs.stdout and "LLM 'echo'" in logs.stdout, logs.stdout
 
 
 @pytest.mark.slow

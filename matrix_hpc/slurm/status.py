@@ -46,9 +46,12 @@ def _scontrol_fields(job_id: str) -> dict[str, str]:
 
 
 def node_logs(run_dir: Path, node: int) -> list[Path]:
-    """The stdout and stderr files of node ``node`` of the latest job (submitit names them)."""
+    """The stdout and stderr files of node ``node`` of the latest job (submitit names them); for
+    node 0 also the driver's log of the run (``logs/run.log``, where it writes while it runs)."""
     job_id = job_id_of(run_dir)
     paths = [run_dir / "slurm" / f"{job_id}_{node}_log.{ext}" for ext in ("out", "err")]
+    if node == 0:
+        paths.append(run_dir / "logs" / "run.log")
     existing = [p for p in paths if p.exists()]
     if not existing:
         raise FileNotFoundError(f"no log of node {node} for job {job_id} yet ({paths[0].parent})")
