@@ -110,8 +110,11 @@ def _run_head(node: Node, adir: Path, job_path: Path, run_dir: Path, options: Op
         if ray_node is not None:
             ray_node.stop()
     if not interrupted:
+        if summary.stopped_by:  # a fault (full disk, ...): requeueing would meet it again
+            log.error("stopped: %s; after fixing it, continue with matrix-hpc resume %s", summary.stopped_by, run_dir)
+            return int(summary.exit_status)
         log.info("finished: %d done, %d failed", summary.done, summary.failed)
-        return 0
+        return int(summary.exit_status)  # non-zero if more rows failed than run.max_failed_fraction allows
     return _after_interruption(node, run_dir, options, signals)
 
 
