@@ -84,6 +84,15 @@ def run(job: Job | str | Path, *, run_dir: str | Path | None = None, force: bool
         os.umask(previous_umask)
 
 
+def _spread(i: int):
+    """Replica ``i`` of a role prefers node ``i`` (mod the node count): on a cluster a role's
+    replicas land on different nodes (Ray's own SPREAD is best effort); one node: no difference."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+    return NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True) if len(nodes) > 1 else "DEFAULT"
+
+
 def _install_stop_signals(stop: threading.Event) -> dict:
     """SIGTERM (a batch system, ``timeout``) and SIGHUP (a closed terminal) stop the run like
     Ctrl-C: checkpoint, stop every process, say how to resume."""
@@ -150,7 +159,6 @@ class _Run:
         return d
 
     def _start_actors(self, endpoints: dict, restore: list[bytes], skip: set[str]) -> None:
-        # Agents spread over the cluster's nodes (on a cluster, a role's replicas land on different nodes).
         directory = self._names()
         opts = {"max_concurrency": 10_000}
         self.term.phase(describe_actors(self.spec))
@@ -166,9 +174,9 @@ class _Run:
             role: [
                 ray.remote(titled(AgentActor, role, label))
                 .options(name=name, num_cpus=rs.num_cpus, num_gpus=rs.num_gpus, max_restarts=-1,
-                         scheduling_strategy="SPREAD", **opts)
+                         scheduling_strategy=_spread(i), **opts)
                 .remote(self.job, role, directory, endpoints)
-                for name in directory[role]
+                for i, name in enumerate(directory[role])
             ]
             for role, rs in self.spec.roles.items()
         }
