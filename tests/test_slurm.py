@@ -353,3 +353,20 @@ def test_a_worker_that_cannot_join_fails_the_run_with_its_log(slurm_run):
     state = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-o", "State"], capture_output=True, text=True,
                            timeout=30).stdout
     assert "FAILED" in state, state
+
+
+def test_the_jobs_ray_uses_the_runs_token_whatever_the_shell_said(tmp_path):
+    """sbatch passes the submitting shell's environment on: RAY_AUTH_MODE=disabled there must not
+    leave the job's Ray (on cluster addresses) open to every user of the nodes."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    code = ("import os, pathlib, sys; from matrix_hpc.slurm.entry import _private_ray; "
+            "_private_ray(pathlib.Path(sys.argv[1])); print(os.environ['RAY_AUTH_MODE'], "
+            "os.environ['RAY_AUTH_TOKEN_PATH'], oct(os.umask(0)))")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": "from-the-shell"}
+    out = subprocess.run([sys.executable, "-c", code, str(run_dir)], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    mode, token_path, umask = out
+    assert (mode, umask) == ("token", "0o77")
+    assert Path(token_path).parent == run_dir / "credentials"
+    assert Path(token_path).stat().st_mode & 0o777 == 0o600 and len(Path(token_path).read_text().strip()) >= 32

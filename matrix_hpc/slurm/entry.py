@@ -69,14 +69,26 @@ def run_node(job_path: Path, run_dir: Path) -> int:
     options = Options.load(run_dir)
     adir = bootstrap.attempt_dir(run_dir, node)
     os.environ[bootstrap.CLUSTER_ENV] = "1"
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    _private_ray(run_dir)
     log.info("node %d/%d %s (%s): %d CPU(s), %d GPU(s); job %s, requeue %d", node.rank, node.num_nodes, node.name,
              node.ip, node.cpus, node.gpus, node.job_id, node.restart)
     if node.rank != 0:
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # the head handles it for the whole run
         return bootstrap.run_worker(node, adir, list(options.ray_worker_args), options.nodes_timeout_s)
     return _run_head(node, adir, job_path, run_dir, options)
+
+
+def _private_ray(run_dir: Path) -> None:
+    """The Ray this job starts on its nodes is the run's alone: token authentication with the run's
+    token (whatever RAY_AUTH_* the submitting shell had), files owner-only. Every ``ray start`` of
+    the job and its driver inherit this environment."""
+    from matrix_hpc.runtime.security import use_cluster_token
+
+    os.umask(0o077)
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        os.environ.pop(name, None)
+    use_cluster_token(run_dir)
 
 
 def _run_head(node: Node, adir: Path, job_path: Path, run_dir: Path, options: Options) -> int:
