@@ -27,14 +27,15 @@ message Item {{
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(tmp_path_factory):
+    """One Ray for the session, on loopback with token auth like a run's own (runtime.security)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 object_store_memory=512 * 1024**2, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    from matrix_hpc.runtime.security import LocalRay
+
+    with LocalRay(tmp_path_factory.mktemp("ray"), num_cpus=2, object_store_memory=512 * 1024**2,
+                  log_to_driver=False):
+        yield ray
 
 
 @pytest.fixture

@@ -167,6 +167,13 @@ class LocalRay:
             self.stop()
             raise
 
+    def __enter__(self) -> LocalRay:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         import ray
         from ray._private import ray_constants

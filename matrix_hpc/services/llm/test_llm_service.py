@@ -12,12 +12,14 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from contextlib import nullcontext
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 
+from matrix_hpc.runtime.security import LocalRay
 from matrix_hpc.services.llm import InvalidRequest, LLMEndpoint, LLMSpec, ServiceError, deploy
 from matrix_hpc.services.llm.background import BackgroundServer
 
@@ -175,15 +177,12 @@ def test_serve_llm_command_runs_a_standalone_server():
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_local(tmp_path_factory):
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
+    with nullcontext() if ray.is_initialized() else LocalRay(
+            tmp_path_factory.mktemp("ray"), num_cpus=2, log_to_driver=False):
+        yield ray
 
 
 def test_deploy_two_replicas_balances_sticks_and_survives_a_killed_replica(ray_local):

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+from contextlib import nullcontext
 
 import psutil
 import pytest
 
+from matrix_hpc.runtime.security import LocalRay
 from matrix_hpc.services.llm import LLMSpec, deploy
 from matrix_hpc.services.llm.embedded import is_built
 
@@ -23,17 +25,13 @@ QUESTION = "What is the capital of France?"
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_local(tmp_path_factory):
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
+    with nullcontext() if ray.is_initialized() else LocalRay(
+            tmp_path_factory.mktemp("ray"), num_cpus=2, log_to_driver=False):
+        yield ray
 
 
 def _engine_cores_of(address_pid: int) -> list[psutil.Process]:

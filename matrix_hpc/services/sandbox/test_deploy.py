@@ -7,25 +7,23 @@ import os
 import pickle
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import pytest
+
+from matrix_hpc.runtime.security import LocalRay
 
 from . import SandboxEndpoint, SandboxSpec, ServiceError, deploy
 
 
 @pytest.fixture(scope="module")
-def ray_local(python_image):
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+def ray_local(python_image, tmp_path_factory):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    owned = not ray.is_initialized()
-    if owned:
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 object_store_memory=256 * 1024**2, log_to_driver=False)
-    yield ray
-    if owned:
-        ray.shutdown()
+    with nullcontext() if ray.is_initialized() else LocalRay(
+            tmp_path_factory.mktemp("ray"), num_cpus=2, object_store_memory=256 * 1024**2, log_to_driver=False):
+        yield ray
 
 
 def test_deploy_run_release_shutdown(ray_local, tmp_path):
