@@ -58,12 +58,13 @@ def _ensure_user() -> User:
         subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", TEST_USER], check=True)
         pw = pwd.getpwnam(TEST_USER)
     _let_others_reach(Path(sys.executable).resolve())
+    _let_others_reach(REPO / "conftest.py")  # a checkout under a private folder (CI's clone)
     return User(pw.pw_name, pw.pw_uid, pw.pw_gid, Path(pw.pw_dir))
 
 
 def _let_others_reach(interpreter: Path) -> None:
-    """The venv's base interpreter may live under a root-only folder (pyenv in /root): grant others
-    traverse (not read) on the folders above it, so that the user can run the venv's python."""
+    """The venv's base interpreter (pyenv in /root), or the checkout, may live under a root-only
+    folder: grant others traverse (not read) on the folders above, so the user can run our code."""
     for d in reversed(interpreter.parents):
         mode = d.stat().st_mode
         if not mode & stat.S_IXOTH:
