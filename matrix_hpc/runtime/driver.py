@@ -231,7 +231,7 @@ class _Run:
     def _summary(self, before: dict[str, int], outcome: str, t0: float, latency, counts, restore,
                  finals: list[dict]) -> RunSummary:
         """The run's numbers, counted in the store (exact however often actors restarted)."""
-        now = RunStore.open(self.job.run_dir)
+        now = self.store  # reads only the segments committed since it last looked
         after = now.committed()
         new = [st for tid, st in after.items() if tid not in before]
         done_total = sum(1 for st in after.values() if st == DONE)
