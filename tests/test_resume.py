@@ -126,8 +126,13 @@ def test_kill_9_of_the_whole_run_then_resume(make_job, seed):
     summary = resume_ok(job.run_dir)
     check_complete(job, rows)
     assert summary["done"] == rows - len(committed)
-    assert summary["done_total"] == RunStore.open(job.run_dir).status()["done"] == rows
+    status = RunStore.open(job.run_dir).status()
+    assert summary["done_total"] == status["done"] == rows
     assert summary["exit_status"] == 0
+    # steps: the resumed run's are those of the tasks it committed, each of STEPS alternating steps
+    half = STEPS // 2
+    assert summary["steps"] == {"ping": half * summary["done"], "pong": half * summary["done"]}
+    assert status["steps_by_role"] == {"ping": half * rows, "pong": half * rows}
 
     after = calls(path.parent)
     # Committed rows were not run again.
@@ -191,8 +196,14 @@ def test_ctrl_c_keeps_results_and_resume_finishes(make_job):
     kept = len(RunStore.open(job.run_dir).committed())
     assert 0 < kept < rows
 
-    resume_ok(job.run_dir)
+    summary = resume_ok(job.run_dir)
     check_complete(job, rows)
+    # what each run says it did adds up to what the store holds, in the events too
+    ends = [e for e in RunStore.open(job.run_dir).events() if e["kind"] in ("interrupted", "finished")]
+    assert [e["kind"] for e in ends] == ["interrupted", "finished"]
+    assert [e["done"] for e in ends] == [kept, rows - kept] and ends[1]["steps"] == summary["steps"]
+    assert {role: ends[0]["steps"][role] + ends[1]["steps"][role] for role in ROLES} == \
+        RunStore.open(job.run_dir).status()["steps_by_role"] == {"ping": STEPS // 2 * rows, "pong": STEPS // 2 * rows}
 
 
 def test_sigusr2_takes_a_snapshot(ray_session, make_job):
@@ -242,6 +253,7 @@ def test_a_killed_sink_loses_nothing_and_writes_nothing_twice(ray_session, make_
     # the restarted sink's counters began at zero; the summary counts in the store
     status = RunStore.open(job.run_dir).status()
     assert summary.done == summary.done_total == status["done"] == rows
+    assert summary.steps == status["steps_by_role"] == {"ping": rows, "pong": rows}
     assert summary.actor_restarts == 1
     finished = [e for e in RunStore.open(job.run_dir).events() if e["kind"] == "finished"]
     assert [(e["done"], e["actor_restarts"]) for e in finished] == [(rows, 1)]

@@ -212,6 +212,11 @@ async def second(item, ctx):
     assert all(t.status == task_pb2.TASK_STATUS_DONE and list(p.path) == ["first", "second"] for t, p in got)
     assert summary.recovered >= 1
     assert summary.actor_restarts == 1 and summary.done == summary.done_total == 300
+    # the dead actor's steps count too: every committed task made one step of each role
+    assert summary.steps == {"first": 300, "second": 300}
+    finished = [e for e in RunStore.open(job.run_dir).events() if e["kind"] == "finished"]
+    assert [e["steps"] for e in finished] == [{"first": 300, "second": 300}]
+    assert RunStore.open(job.run_dir).status()["steps_by_role"] == {"first": 300, "second": 300}
 
 
 def test_python_api_accepts_a_path(ray_session, make_job):
@@ -233,6 +238,6 @@ async def work(item, ctx):
     job = load_job(make_job(agents, {"work": {"agent": "agents:work", "replicas": 3}}, "work", rows=900))
     with deadline(120):
         summary = run(job, progress=False)
-    counts = summary.step_counts["work"]
+    counts = summary.actor_steps["work"]
     assert sum(counts) == 900
     assert min(counts) >= 900 * 0.15, counts

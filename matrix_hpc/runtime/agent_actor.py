@@ -80,7 +80,7 @@ class AgentActor(ActorBase):
         self.logger = logging.getLogger(f"matrix_hpc.agent.{role}")
         self.inbox: deque[bytes] = deque()
         self.active: dict[str, bytes] = {}  # task id -> message before the running step
-        self.steps = self.failures = self.retries = self.service_waits = 0
+        self.steps = 0  # as run by this incarnation (a load figure; the store counts exactly)
         self.latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
         self.started: dict[str, tuple[int, float]] = {}  # task id -> (step, start) of running steps
         self.reported_slow: set[tuple[str, int]] = set()
@@ -114,7 +114,7 @@ class AgentActor(ActorBase):
 
     async def _step(self, task: Task, data: bytes) -> Task:
         """Run the step, retrying per policy; return the task as it leaves this actor."""
-        attempt, waited = 0, 0.0
+        attempt, waits, waited = 0, 0, 0.0
         while True:
             payload = self.payload_cls()
             task.payload.Unpack(payload)
@@ -127,16 +127,17 @@ class AgentActor(ActorBase):
                 more = await self._wait_for_service(e, waited)
                 if more is not None:  # a service was down: try again, not counted as an attempt
                     waited = more
+                    waits += 1
                     task = Task.FromString(data)
                     continue
                 waited = SERVICE_WAIT_S  # the wait is spent once: from now on, it counts as a try
                 attempt += 1
                 if attempt > self.retry.max_retries:
-                    self.failures += 1
                     task = Task.FromString(data)
                     set_error(task, self.role, e, attempts=attempt)
+                    task.retries += attempt - 1
+                    task.service_waits += waits
                     return task
-                self.retries += 1
                 wait = backoff_s(attempt, base_s=self.retry.backoff_s, jitter=False)
                 self.logger.info("role %s: step %d of task %s failed (%s: %s); try %d of %d in %.1fs", self.role,
                                  task.step, task.task_id, type(e).__name__, e, attempt + 1,
@@ -146,6 +147,8 @@ class AgentActor(ActorBase):
                 continue
             self.latencies.append(time.perf_counter() - t0)
             self.steps += 1
+            task.retries += attempt
+            task.service_waits += waits
             if nxt not in self.roles:
                 set_error(task, self.role, f"agent returned {nxt!r}, which is not a role of this job "
                           f"({', '.join(sorted(self.roles))})")
@@ -165,7 +168,6 @@ class AgentActor(ActorBase):
         if getattr(error, "code", None) != "UNAVAILABLE" or waited >= SERVICE_WAIT_S:
             return None
         pause = min(SERVICE_BACKOFF_MAX_S, max(0.5, waited))
-        self.service_waits += 1
         self.logger.warning("role %s: a service is unavailable (%s); trying again in %.1fs", self.role, error, pause)
         await asyncio.sleep(pause)
         return waited + pause
@@ -213,8 +215,7 @@ class AgentActor(ActorBase):
     async def stats(self, latencies: bool = False, slow: bool = False) -> dict:
         out = {
             "incarnation": self.incarnation, "role": self.role, "inbox": len(self.inbox),
-            "active": len(self.active), "steps": self.steps, "failures": self.failures, "retries": self.retries,
-            "service_waits": self.service_waits,
+            "active": len(self.active), "steps": self.steps,
             "send_retries": self.router.send_retries,
             "sent_batches": self.router.sent_batches, "sent_messages": self.router.sent_messages,
         }

@@ -102,12 +102,16 @@ def _print_summary(s, *, as_json: bool) -> None:
           f"run directory: {s.done_total} done, {s.failed_total} failed of {s.total} tasks")
     if s.resumed or s.recovered:
         print(f"resumed from snapshot: {s.resumed}; recovered after an actor died: {s.recovered}")
-    print(f"retries: {s.retries} step(s), {s.service_waits} waiting for a service, {s.commit_retries} commit(s), "
-          f"{s.send_retries} send(s); "
+    print(f"retries: {s.retries} step(s) in the tasks this run committed, {s.service_waits} waiting for a "
+          f"service, {s.commit_retries} commit(s), {s.send_retries} send(s); "
           f"actor restarts: {s.actor_restarts}; checkpoints: {s.checkpoints}"
           + (f" ({s.checkpoint_failures} failed)" if s.checkpoint_failures else ""))
-    for role, lat in s.step_latency.items():
-        print(f"  {role:<16} steps {lat['n']:>7}  p50 {lat['p50'] * 1000:8.1f} ms  p99 {lat['p99'] * 1000:8.1f} ms")
+    if s.steps:
+        print("steps in the tasks this run committed, by role (step latency of this run's tries):")
+    for role, n in s.steps.items():
+        lat = s.step_latency.get(role, {"n": 0})
+        timing = f"  p50 {lat['p50'] * 1000:8.1f} ms  p99 {lat['p99'] * 1000:8.1f} ms" if lat["n"] else ""
+        print(f"  {role:<16} steps {n:>7}{timing}")
     if s.failures:
         print("failed tasks by role and error:")
         for key, n in sorted(s.failures.items(), key=lambda kv: -kv[1]):

@@ -189,6 +189,7 @@ class _Run:
     # -- the run ------------------------------------------------------------------------------
 
     def execute(self, on_start) -> RunSummary:
+        self.mark = self.store.mark()  # what this run commits is counted from here
         committed = self.store.committed()
         snap = self.store.latest_snapshot() if self.resuming else None
         saved = {Task.FromString(m).task_id: m for m in (snap[0] if snap else [])}
@@ -224,28 +225,27 @@ class _Run:
         errors = [f["commit_error"] for f in finals if f.get("commit_error")]
         if errors and not self.stopped_by:
             self.stopped_by = errors[0]
-        summary = self._summary(committed, outcome, t0, latency, counts, restore, finals)
+        summary = self._summary(outcome, t0, latency, counts, restore, finals)
         self._event(outcome if not self.stopped_by else "stopped", **summary.counts())
         return summary
 
-    def _summary(self, before: dict[str, int], outcome: str, t0: float, latency, counts, restore,
-                 finals: list[dict]) -> RunSummary:
+    def _summary(self, outcome: str, t0: float, latency, counts, restore, finals: list[dict]) -> RunSummary:
         """The run's numbers, counted in the store (exact however often actors restarted)."""
         now = self.store  # reads only the segments committed since it last looked
+        this_run = now.tally(since=self.mark)
         after = now.committed()
-        new = [st for tid, st in after.items() if tid not in before]
         done_total = sum(1 for st in after.values() if st == DONE)
         failed = len(after) > done_total
         failures, sample = failure_breakdown(now.iter_results(status=FAILED)) if failed else ({}, None)
         agents = list(self.agent_stats.values())
         return RunSummary(
-            run_dir=self.job.run_dir, done=sum(1 for st in new if st == DONE),
-            failed=sum(1 for st in new if st != DONE), total=now.total_tasks, wall_s=time.monotonic() - t0,
+            run_dir=self.job.run_dir, done=this_run.done, failed=this_run.failed, total=now.total_tasks,
+            wall_s=time.monotonic() - t0,
             processing_s=self.processing_s, resumed=len(restore), recovered=self.recovered,
             checkpoints=self.checkpoints, interrupted=outcome == "interrupted", step_latency=latency,
-            step_counts=counts, stopped_by=self.stopped_by, done_total=done_total,
+            steps=this_run.steps, actor_steps=counts, stopped_by=self.stopped_by, done_total=done_total,
             failed_total=len(after) - done_total, max_failed_fraction=self.spec.run.max_failed_fraction,
-            retries=sum(st["retries"] for st in agents), service_waits=sum(st["service_waits"] for st in agents),
+            retries=this_run.retries, service_waits=this_run.service_waits,
             commit_retries=sum(f.get("commit_retries", 0) for f in finals),
             send_retries=sum(st.get("send_retries", 0) for st in agents),
             actor_restarts=self.actor_restarts, checkpoint_failures=self.checkpoint_failures,

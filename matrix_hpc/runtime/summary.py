@@ -35,16 +35,20 @@ class RunSummary:
     checkpoints: int = 0
     interrupted: bool = False
     step_latency: dict[str, dict[str, float]] = field(default_factory=dict)  # role -> p50/p99 seconds
-    step_counts: dict[str, list[int]] = field(default_factory=dict)  # role -> steps done by each actor
+    # role -> steps in the traces of the tasks this run committed (from the store: exact; a task
+    # resumed from a checkpoint brings the steps it had made before)
+    steps: dict[str, int] = field(default_factory=dict)
+    # role -> steps each live actor ran, as last polled (how the load was spread; not exact)
+    actor_steps: dict[str, list[int]] = field(default_factory=dict)
     processing_s: float = 0.0  # from the first task sent to the last one committed (no start-up, no teardown)
     stopped_by: str | None = None  # the fault that ended the run early (resumable), if any
     done_total: int = 0  # in the store, all runs of this run directory
     failed_total: int = 0
     max_failed_fraction: float = 0.0
-    retries: int = 0  # step tries that raised and were tried again
-    service_waits: int = 0  # step tries that met an unavailable service and were tried again
+    retries: int = 0  # step tries that raised and were tried again, in the tasks this run committed
+    service_waits: int = 0  # step tries that met an unavailable service and waited, likewise
     commit_retries: int = 0
-    send_retries: int = 0
+    send_retries: int = 0  # as counted by live actors
     actor_restarts: int = 0
     checkpoint_failures: int = 0
     failures: dict[str, int] = field(default_factory=dict)  # "role: ErrorType" -> failed tasks (store)
@@ -52,7 +56,7 @@ class RunSummary:
 
     def counts(self) -> dict:
         """What the run did, as plain numbers (the summary's event in events.jsonl)."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("run_dir", "step_latency")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("run_dir", "step_latency", "actor_steps")}
         out["exit_status"] = self.exit_status
         return out
 

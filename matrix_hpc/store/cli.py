@@ -12,7 +12,7 @@ def register(sub) -> None:
         "export",
         help="write a run's results as JSONL or Parquet (works while the run goes on)",
         description="Write the committed results of a run as one JSON object per row (the payload's "
-        "proto fields, plus task_id, row_id, row_index, trial), ready for Hugging Face `datasets`. "
+        "proto fields, plus task_id, row_id, row_index, trial, retries), ready for Hugging Face `datasets`. "
         "Rows still in flight are not included; run it again later for more.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="the run directory (holds store.zarr)")
@@ -28,7 +28,8 @@ def register(sub) -> None:
         "status",
         help="show a run's progress: done, failed, in flight, pending, throughput",
         description="Show the totals of a run (done, failed, in flight at the last checkpoint, "
-        "pending), its throughput and the time of its last checkpoint. Read-only: safe to run "
+        "pending), the steps by role and the retries in its committed tasks, its throughput and the "
+        "time of its last checkpoint. Read-only: safe to run "
         "while the run is going on, from any node that sees the run directory.",
     )
     s.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="the run directory (holds store.zarr)")
@@ -85,11 +86,15 @@ def _status(args) -> int:
         ("checkpoint", f"last at {_fmt(st['last_checkpoint_time'])}"),
         ("commits", f"first {_fmt(st['first_commit_time'])}, last {_fmt(st['last_commit_time'])}, "
                     f"{st['writers']} writer(s)"),
+        ("steps", ", ".join(f"{role} {n:,}" for role, n in st["steps_by_role"].items()) or "-"),
+        ("retries", _fmt(st["retries"])),
         ("throughput", f"{_fmt(st['throughput_rows_per_s'], ' rows/s')} overall, "
                        f"{_fmt(st['recent_rows_per_s'], ' rows/s')} over the last minute"),
     ]
     if st["duplicates"]:
         rows.append(("warning", f"{st['duplicates']} row(s) committed twice (the first is kept)"))
+    if st["unreadable_envelopes"]:
+        rows.append(("warning", f"{st['unreadable_envelopes']} committed row(s) are not readable task messages"))
     if st["torn_segments"]:
         rows.append(("note", f"{st['torn_segments']} torn commit(s) ignored (their rows are redone on resume)"))
     lines = [f"{k:<11} {v}" for k, v in rows]

@@ -15,7 +15,7 @@ from google.protobuf import json_format, message_factory
 
 from matrix_hpc.protogen import pool_from_descriptor_set
 from matrix_hpc.store._durable import TMP_SUFFIX
-from matrix_hpc.store.parquet import export_row, export_schema, write_parquet
+from matrix_hpc.store.parquet import META_FIELDS, export_row, export_schema, write_parquet
 from matrix_hpc.store.run_store import DONE, FAILED, RunStore, StoreError
 from matrix_hpc.v1 import task_pb2
 
@@ -67,8 +67,7 @@ def _tasks(store: RunStore, dec: PayloadDecoder, failed: bool) -> Iterator[tuple
 def _json_rows(store: RunStore, dec: PayloadDecoder, failed: bool) -> Iterator[dict]:
     for task, payload in _tasks(store, dec, failed):
         row = dec.to_dict(payload)
-        meta = {"task_id": task.task_id, "row_id": task.row_id, "row_index": task.row_index,
-                "trial": task.trial}
+        meta = {name: getattr(task, name) for name in META_FIELDS}
         if failed:
             meta["error"] = json_format.MessageToDict(task.error, preserving_proto_field_name=True,
                                                       always_print_fields_with_no_presence=True)
@@ -82,7 +81,7 @@ def export(run_dir: Path, out: Path, *, format: str = "jsonl", failed: bool = Fa
     """Write the committed done (or, with ``failed``, failed) rows of a run to ``out``.
 
     Each row is the payload as a JSON object (proto field names, defaults included) plus
-    task_id, row_id, row_index, trial (and error when ``failed``). The file appears under its
+    task_id, row_id, row_index, trial, retries (and error when ``failed``). The file appears under its
     final name only once complete. Returns the number of rows written.
     """
     if format not in FORMATS:

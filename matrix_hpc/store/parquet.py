@@ -33,7 +33,7 @@ _SCALARS = {
 }
 _TIMESTAMP = "google.protobuf.Timestamp"
 _ENVELOPE = task_pb2.Task.DESCRIPTOR
-META_FIELDS = ("task_id", "row_id", "row_index", "trial")
+META_FIELDS = ("task_id", "row_id", "row_index", "trial", "retries")
 
 
 def _as_json(desc: Descriptor, seen: tuple[str, ...]) -> bool:

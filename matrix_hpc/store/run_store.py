@@ -49,6 +49,7 @@ from matrix_hpc.store.layout import (
 )
 from matrix_hpc.store.segments import SegmentIndex
 from matrix_hpc.store.snapshots import Snapshots
+from matrix_hpc.store.tally import Tally, tally
 from matrix_hpc.store.writer import ResultWriter
 
 __all__ = ["DONE", "FAILED", "ResultWriter", "RunStore", "StoreError"]
@@ -161,11 +162,20 @@ class RunStore:
         """task_id -> TASK_STATUS_DONE / TASK_STATUS_FAILED for every committed row, all writers."""
         return self._segments.ordered()[1]
 
-    def iter_results(self, *, status: int | None = None) -> Iterator[bytes]:
-        """Committed Task envelopes (bytes), oldest commit first; a duplicated task id only once."""
+    def mark(self) -> frozenset[tuple[str, int]]:
+        """The commits seen so far: ``iter_results(since=mark)`` yields only rows committed after."""
+        return frozenset(self._segments.valid_keys())
+
+    def iter_results(self, *, status: int | None = None,
+                     since: frozenset[tuple[str, int]] = frozenset()) -> Iterator[bytes]:
+        """Committed Task envelopes (bytes), oldest commit first; a duplicated task id only once.
+        With ``since`` (a ``mark()``), only the rows first committed after that mark."""
         segs, _, _ = self._segments.ordered()
         seen: set[str] = set()
         for s in segs:
+            if (s.writer, s.seq) in since:
+                seen.update(s.task_ids)
+                continue
             v = self._segments.views[s.writer]
             try:
                 heap = v.heap[s.heap_start:s.heap_end].tobytes() if s.heap_end > s.heap_start else b""
@@ -197,9 +207,14 @@ class RunStore:
         return self.snapshots.latest()
 
     # ---- status and logs ----------------------------------------------------------------------
+    def tally(self, since: frozenset[tuple[str, int]] = frozenset()) -> Tally:
+        """Steps by role and retries in the committed tasks (those committed after ``since``)."""
+        return tally(self.iter_results(since=since))
+
     def status(self) -> dict:
         """Totals and rates, read-only: safe while writers are writing."""
         segs, first, dups = self._segments.ordered()
+        counted = self.tally()
         done = sum(1 for v in first.values() if v == DONE)
         failed = len(first) - done
         snap = self.snapshots.latest_attrs()
@@ -214,6 +229,9 @@ class RunStore:
             "failed": failed,
             "committed": done + failed,
             "duplicates": dups,
+            "steps_by_role": counted.steps,
+            "retries": counted.retries,
+            "unreadable_envelopes": counted.unreadable,
             "pending": max(self.total_tasks - done - failed, 0),
             "in_flight_at_last_checkpoint": in_flight,
             "last_checkpoint_time": snap[1]["time"] if snap else None,

@@ -133,6 +133,10 @@ class SegmentIndex:
                     first[tid] = st
         return segs, first, dups
 
+    def valid_keys(self) -> list[tuple[str, int]]:
+        self.refresh()
+        return [k for k, s in self.segments.items() if s is not None]
+
     def torn(self) -> int:
         return sum(1 for s in self.segments.values() if s is None)
 

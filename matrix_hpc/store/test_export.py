@@ -60,7 +60,7 @@ def _task(mod, i: int, status: int) -> task_pb2.Task:
         s.tags["lang"] = "en"
     s.finished.FromSeconds(1_700_000_000 + i)
     t = task_pb2.Task(task_id=f"row{i}#0", row_index=i, row_id=f"row{i}", trial=0, status=status,
-                      next_role="done")
+                      next_role="done", trace=["ask"] * (1 + i % 2) + ["judge"], retries=i % 3)
     t.payload.Pack(s)
     if status == FAILED:
         t.error.role = "judge"
@@ -92,7 +92,7 @@ def test_export_jsonl(run, tmp_path, compiled):
     assert r == {"question": "q5", "turns": ["t0", "t1"], "tokens": 10**12 + 5,
                  "score": {"value": 2.5, "judge": "j"}, "tags": {}, "verdict": "VERDICT_OK",
                  "finished": "2023-11-14T22:13:25Z", "trial": "p5", "task_id": "row5#0",
-                 "row_id": "row5", "row_index": 5, "matrix_trial": 0}
+                 "row_id": "row5", "row_index": 5, "matrix_trial": 0, "retries": 2}
     r0 = next(r for r in rows if r["row_index"] == 0)
     assert "score" not in r0 and r0["tags"] == {"lang": "en"} and r0["verdict"] == "VERDICT_UNSPECIFIED"
     # the payload decodes back to the message it was
@@ -119,6 +119,7 @@ def test_export_parquet(run, tmp_path):
     assert rows["row0#0"]["tags"] == [{"key": "lang", "value": "en"}] and rows["row5#0"]["tags"] == []
     assert rows["row5#0"]["verdict"] == "VERDICT_OK" and rows["row5#0"]["trial"] == "p5"
     assert rows["row5#0"]["matrix_trial"] == 0 and rows["row5#0"]["row_index"] == 5
+    assert [rows[f"row{i}#0"]["retries"] for i in range(3)] == [0, 1, 2]
     assert rows["row5#0"]["finished"] == datetime.fromtimestamp(1_700_000_005, UTC)
     jl = [json.loads(x) for x in (tmp_path / "x.jsonl").read_text().splitlines()] if export(
         run, tmp_path / "x.jsonl") else []
@@ -134,6 +135,7 @@ EXPECTED_SCHEMA = pa.schema([
     ("verdict", pa.string()), ("finished", pa.timestamp("us", tz="UTC")), ("trial", pa.string()),
     pa.field("task_id", pa.string(), nullable=False), pa.field("row_id", pa.string(), nullable=False),
     pa.field("row_index", pa.uint64(), nullable=False), pa.field("matrix_trial", pa.uint32(), nullable=False),
+    pa.field("retries", pa.uint32(), nullable=False),
 ])
 
 
@@ -179,12 +181,33 @@ def test_cli_export_and_status(run, tmp_path, capsys):
     assert main(["status", str(run), "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
     assert (st["done"], st["failed"], st["pending"], st["in_flight_at_last_checkpoint"]) == (45, 5, 10, 4)
+    # steps and retries are those recorded in the 50 committed envelopes
+    assert st["steps_by_role"] == {"ask": sum(1 + i % 2 for i in range(50)), "judge": 50}
+    assert st["retries"] == sum(i % 3 for i in range(50))
     assert st["last_checkpoint_time"].endswith("Z")
     assert main(["status", str(run)]) == 0
     out = capsys.readouterr().out
     assert "done        45" in out and "in flight at the last checkpoint: 4" in out
+    assert "steps       ask 75, judge 50" in out and "retries     49" in out
 
     assert main(["status", str(tmp_path)]) == 2
     assert "not a matrix-hpc run directory" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "missing")]) == 2
     assert "no such run directory" in capsys.readouterr().err
+
+
+def test_results_since_a_mark_are_only_those_committed_after_it(run, compiled):
+    mod, _ = compiled
+    store = RunStore.open(run)
+    mark = store.mark()
+    w = store.writer("sink-1")
+    w.append("row5#0", 5, DONE, _task(mod, 5, DONE).SerializeToString())  # a duplicate: counted once, before
+    for i in (50, 51):
+        w.append(f"row{i}#0", i, DONE, _task(mod, i, DONE).SerializeToString())
+    w.flush()
+    new = [task_pb2.Task.FromString(b).task_id for b in store.iter_results(since=mark)]
+    assert new == ["row50#0", "row51#0"]
+    counted = store.tally(since=mark)
+    assert (counted.done, counted.failed, counted.retries) == (2, 0, 50 % 3 + 51 % 3)
+    assert counted.steps == {"ask": 1 + 2, "judge": 2}
+    assert store.tally().done == 47

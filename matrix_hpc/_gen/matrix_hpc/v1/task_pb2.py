@@ -26,17 +26,17 @@ from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18matrix_hpc/v1/task.proto\x12\rmatrix_hpc.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"]\n\tTaskError\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\r\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\"\xed\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\trow_index\x18\x02 \x01(\x04\x12\x0e\n\x06row_id\x18\x03 \x01(\t\x12\r\n\x05trial\x18\x04 \x01(\r\x12\x0c\n\x04step\x18\x05 \x01(\r\x12\x11\n\tnext_role\x18\x06 \x01(\t\x12)\n\x06status\x18\x07 \x01(\x0e\x32\x19.matrix_hpc.v1.TaskStatus\x12\'\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x18.matrix_hpc.v1.TaskError\x12\x0f\n\x07\x61ttempt\x18\t \x01(\r\x12+\n\x07\x63reated\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x07payload\x18\x0c \x01(\x0b\x32\x14.google.protobuf.Any\x12\x0c\n\x04seed\x18\r \x01(\x04\x12\r\n\x05trace\x18\x0e \x03(\t*p\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x01\x12\x14\n\x10TASK_STATUS_DONE\x10\x02\x12\x16\n\x12TASK_STATUS_FAILED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18matrix_hpc/v1/task.proto\x12\rmatrix_hpc.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"]\n\tTaskError\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\r\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\"\x95\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\trow_index\x18\x02 \x01(\x04\x12\x0e\n\x06row_id\x18\x03 \x01(\t\x12\r\n\x05trial\x18\x04 \x01(\r\x12\x0c\n\x04step\x18\x05 \x01(\r\x12\x11\n\tnext_role\x18\x06 \x01(\t\x12)\n\x06status\x18\x07 \x01(\x0e\x32\x19.matrix_hpc.v1.TaskStatus\x12\'\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x18.matrix_hpc.v1.TaskError\x12\x0f\n\x07\x61ttempt\x18\t \x01(\r\x12+\n\x07\x63reated\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x07payload\x18\x0c \x01(\x0b\x32\x14.google.protobuf.Any\x12\x0c\n\x04seed\x18\r \x01(\x04\x12\r\n\x05trace\x18\x0e \x03(\t\x12\x0f\n\x07retries\x18\x0f \x01(\r\x12\x15\n\rservice_waits\x18\x10 \x01(\r*p\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x01\x12\x14\n\x10TASK_STATUS_DONE\x10\x02\x12\x16\n\x12TASK_STATUS_FAILED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'matrix_hpc.v1.task_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKSTATUS']._serialized_start=566
-  _globals['_TASKSTATUS']._serialized_end=678
+  _globals['_TASKSTATUS']._serialized_start=606
+  _globals['_TASKSTATUS']._serialized_end=718
   _globals['_TASKERROR']._serialized_start=103
   _globals['_TASKERROR']._serialized_end=196
   _globals['_TASK']._serialized_start=199
-  _globals['_TASK']._serialized_end=564
+  _globals['_TASK']._serialized_end=604
 # @@protoc_insertion_point(module_scope)

@@ -37,7 +37,7 @@ class TaskError(_message.Message):
     def __init__(self, role: _Optional[str] = ..., message: _Optional[str] = ..., traceback: _Optional[str] = ..., step: _Optional[int] = ..., attempts: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "row_index", "row_id", "trial", "step", "next_role", "status", "error", "attempt", "created", "updated", "payload", "seed", "trace")
+    __slots__ = ("task_id", "row_index", "row_id", "trial", "step", "next_role", "status", "error", "attempt", "created", "updated", "payload", "seed", "trace", "retries", "service_waits")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ROW_INDEX_FIELD_NUMBER: _ClassVar[int]
     ROW_ID_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,8 @@ class Task(_message.Message):
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_WAITS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     row_index: int
     row_id: str
@@ -66,4 +68,6 @@ class Task(_message.Message):
     payload: _any_pb2.Any
     seed: int
     trace: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, task_id: _Optional[str] = ..., row_index: _Optional[int] = ..., row_id: _Optional[str] = ..., trial: _Optional[int] = ..., step: _Optional[int] = ..., next_role: _Optional[str] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., error: _Optional[_Union[TaskError, _Mapping]] = ..., attempt: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., payload: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., seed: _Optional[int] = ..., trace: _Optional[_Iterable[str]] = ...) -> None: ...
+    retries: int
+    service_waits: int
+    def __init__(self, task_id: _Optional[str] = ..., row_index: _Optional[int] = ..., row_id: _Optional[str] = ..., trial: _Optional[int] = ..., step: _Optional[int] = ..., next_role: _Optional[str] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., error: _Optional[_Union[TaskError, _Mapping]] = ..., attempt: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., payload: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., seed: _Optional[int] = ..., trace: _Optional[_Iterable[str]] = ..., retries: _Optional[int] = ..., service_waits: _Optional[int] = ...) -> None: ...
