@@ -91,6 +91,7 @@ def test_a_run_shows_phases_and_keeps_ray_worker_output_in_the_run_log(make_job)
     lines = proc.stderr.splitlines()
     phases = [line for line in lines if line.endswith(" ...")]
     assert phases == ["starting Ray ...", "starting 5 actors: source, 1 sink, f x2, g x1 ..."]
+    assert [line for line in lines if "ray" in line.lower()] == ["starting Ray ..."], lines  # none of Ray's own
     assert lines[-2] == f"warnings: 4 (details in {run_log})"
     assert re.fullmatch(r"  4 x WARNING agents: row (0|10|20|30) looks odd", lines[-1]), lines[-1]  # the first seen
     terminal = proc.stdout + "\n".join(lines[:-2])

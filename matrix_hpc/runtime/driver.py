@@ -112,9 +112,10 @@ def _ensure_ray(run_dir: Path) -> Callable[[], None] | None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if os.environ.get("RAY_ADDRESS"):
         use_cluster_token(run_dir)
-        ray.init(address=os.environ["RAY_ADDRESS"])
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
         return ray.shutdown
-    local = LocalRay(run_dir, object_store_memory=512 * 1024**2)
+    # WARNING: Ray's "Started a local Ray instance" is a phase of our own display already
+    local = LocalRay(run_dir, object_store_memory=512 * 1024**2, logging_level=logging.WARNING)
     local.start()
     return local.stop
 
