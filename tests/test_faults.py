@@ -27,7 +27,7 @@ from matrix_hpc.runtime import router as router_mod
 from matrix_hpc.runtime.message import Task, undeliverable
 from matrix_hpc.runtime.router import Router
 from matrix_hpc.runtime.summary import Exit
-from matrix_hpc.store import RunStore
+from matrix_hpc.store import RunStore, export
 
 QUICK = """
 import asyncio
@@ -328,6 +328,40 @@ def test_failed_tasks_set_the_exit_status_and_retries_are_counted(ray_session, m
     assert len(finished) == 1
     assert (finished[0]["done"], finished[0]["failed"], finished[0]["retries"]) == (16, 4, 4)
     assert finished[0]["exit_status"] == status
+
+
+FLAKY = """
+from matrix_hpc import DONE
+
+tried = set()
+
+async def first(item, ctx):
+    if item.n % 3 == 0 and (ctx.task_id, "first") not in tried:  # rows 0, 3, 6, ...: one failed try
+        tried.add((ctx.task_id, "first"))
+        raise ConnectionError("flaky")
+    return "second"
+
+async def second(item, ctx):
+    if item.n % 2 == 0 and (ctx.task_id, "second") not in tried:  # rows 0, 2, 4, ...: one failed try
+        tried.add((ctx.task_id, "second"))
+        raise ConnectionError("flaky")
+    return DONE
+"""
+
+
+def test_retries_are_recorded_on_each_task_and_exported(ray_session, make_job, tmp_path):
+    rows = 30
+    roles = {"first": {"agent": "agents:first"}, "second": {"agent": "agents:second"}}
+    job = load_job(make_job(FLAKY, roles, "first", rows=rows, run={"retry": {"max_retries": 1, "backoff_s": 0}}))
+    with deadline(60):
+        summary = run(job, progress=False)
+    expected = {i: (i % 3 == 0) + (i % 2 == 0) for i in range(rows)}
+    assert (summary.done, summary.retries) == (rows, sum(expected.values()))
+    assert summary.steps == {"first": rows, "second": rows}
+    assert RunStore.open(job.run_dir).status()["retries"] == summary.retries
+    export(job.run_dir, tmp_path / "out.jsonl")
+    exported = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert {r["n"]: r["retries"] for r in exported} == expected
 
 
 def test_every_task_failing_exits_with_tasks_failed(ray_session, make_job):
