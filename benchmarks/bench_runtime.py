@@ -104,7 +104,7 @@ def bench_memory(root: Path, in_flight: int) -> dict:
                     peak[0] = max(peak[0], ray_rss())
                     if n == in_flight and st["in_flight"] == n and not snapshot:
                         t0 = time.perf_counter()
-                        snapshot["tasks"] = r.checkpoint()
+                        snapshot["tasks"] = r.recovery.checkpoint()
                         snapshot["seconds"] = round(time.perf_counter() - t0, 3)
                     if st["exhausted"] and st["in_flight"] == 0:
                         return

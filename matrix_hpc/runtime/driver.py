@@ -2,7 +2,7 @@
 takes checkpoints, recovers tasks held by an actor that died, and stops cleanly.
 
 It never sees task messages on the hot path; those go from actor to actor. It touches them only
-during a checkpoint or a recovery, both of which pause sending for a moment (see ``_cut``).
+during a checkpoint or a recovery, both of which pause sending for a moment (recovery.py).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from matrix_hpc.runtime.message import Task
 from matrix_hpc.runtime.preflight import ResumeRefused, refuse_if_changed  # noqa: F401 - ResumeRefused re-exported
 from matrix_hpc.runtime.proctitle import titled
 from matrix_hpc.runtime.progress import Terminal, describe_actors, percentiles
+from matrix_hpc.runtime.recovery import Recovery
 from matrix_hpc.runtime.security import (
     LocalRay,
     prepare_run_dir,
@@ -35,7 +36,7 @@ from matrix_hpc.runtime.security import (
     use_cluster_token,
 )
 from matrix_hpc.runtime.services import deploy_all, shutdown_all
-from matrix_hpc.runtime.sink import SinkActor, describe_write_error
+from matrix_hpc.runtime.sink import SinkActor
 from matrix_hpc.runtime.source import SourceActor
 from matrix_hpc.runtime.summary import RunSummary, failure_breakdown
 from matrix_hpc.store import DONE, FAILED, RunStore, StoreError
@@ -141,14 +142,12 @@ class _Run:
         self.id = uuid.uuid4().hex[:8]
         self.show_progress = progress
         self.term = Terminal(enabled=progress)
-        self.recovered = self.checkpoints = self.checkpoint_failures = self.actor_restarts = 0
         self.snapshot_requested = threading.Event()
         self.stop_requested = stop or threading.Event()
         self.stopped_by: str | None = None
         self.processing_s = 0.0
         self.actors: list = []  # every actor of this run, for cuts, health checks and the final kill
         self.names: dict = {}  # actor -> its name, for messages
-        self.last_state: dict[str, bytes] = {}  # task id -> message at the last checkpoint (or restore)
         self.agent_stats: dict[tuple[str, str], dict] = {}  # (actor name, incarnation) -> its last stats
         self.sink_stats: dict[tuple[str, str], dict] = {}  # the same for sinks, for the progress line
 
@@ -185,7 +184,6 @@ class _Run:
         self.names = {self.source: f"{self.id}/source", **dict(zip(self.sinks, directory["done"], strict=True))}
         for role, pool in self.agents.items():
             self.names.update(zip(pool, directory[role], strict=True))
-        self.incarnations = dict(zip(self.actors, ray.get([a.ping.remote() for a in self.actors]), strict=True))
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -194,8 +192,8 @@ class _Run:
         committed = self.store.committed()
         snap = self.store.latest_snapshot() if self.resuming else None
         saved = {Task.FromString(m).task_id: m for m in (snap[0] if snap else [])}
-        restore = [m for tid, m in saved.items() if tid not in committed]
-        self.last_state = {tid: m for tid, m in saved.items() if tid not in committed}
+        restoring = {tid: m for tid, m in saved.items() if tid not in committed}
+        restore = list(restoring.values())
         skip = set(committed) | set(saved)
         (self.job.run_dir / "job_path.txt").write_text(f"{self.job.path}\n")  # for `matrix-hpc resume`
         self._event("resumed" if self.resuming else "started", restored=len(restore),
@@ -209,6 +207,8 @@ class _Run:
         finals: list[dict] = []
         try:
             self._start_actors(endpoints, restore, skip)
+            self.recovery = Recovery(run_id=self.id, store=self.store, actors=self.actors, names=self.names,
+                                     last_state=restoring, event=self._event)
             if on_start:
                 on_start(self)
             previous = self._install_sigusr2()
@@ -238,18 +238,18 @@ class _Run:
         done_total = sum(1 for st in after.values() if st == DONE)
         failed = len(after) > done_total
         failures, sample = failure_breakdown(now.iter_results(status=FAILED)) if failed else ({}, None)
-        agents = list(self.agent_stats.values())
+        agents, rec = list(self.agent_stats.values()), self.recovery
         return RunSummary(
             run_dir=self.job.run_dir, done=this_run.done, failed=this_run.failed, total=now.total_tasks,
             wall_s=time.monotonic() - t0,
-            processing_s=self.processing_s, resumed=len(restore), recovered=self.recovered,
-            checkpoints=self.checkpoints, interrupted=outcome == "interrupted", step_latency=latency,
+            processing_s=self.processing_s, resumed=len(restore), recovered=rec.recovered,
+            checkpoints=rec.checkpoints, interrupted=outcome == "interrupted", step_latency=latency,
             steps=this_run.steps, actor_steps=counts, stopped_by=self.stopped_by, done_total=done_total,
             failed_total=len(after) - done_total, max_failed_fraction=self.spec.run.max_failed_fraction,
             retries=this_run.retries, service_waits=this_run.service_waits,
             commit_retries=sum(f.get("commit_retries", 0) for f in finals),
             send_retries=sum(st.get("send_retries", 0) for st in agents),
-            actor_restarts=self.actor_restarts, checkpoint_failures=self.checkpoint_failures,
+            actor_restarts=rec.actor_restarts, checkpoint_failures=rec.checkpoint_failures,
             failures=failures, sample_error=sample,
         )
 
@@ -272,7 +272,7 @@ class _Run:
                 try:
                     src, *sinks = ray.get([self.source.stats.remote(), *[s.stats.remote() for s in self.sinks]])
                 except RayActorError:
-                    self._recover_if_needed()
+                    self.recovery.recover_if_needed()
                     continue
                 for sink, st in zip(self.sinks, sinks, strict=True):  # a restarted sink counts from zero
                     self.sink_stats[(self.names[sink], st["incarnation"])] = st
@@ -289,12 +289,12 @@ class _Run:
                 now = time.monotonic()
                 if now - last_health >= _HEALTH_S:
                     last_health = now
-                    self._recover_if_needed()
+                    self.recovery.recover_if_needed()
                     self._watch_agents()
                     self._heal_services()
                 if self.snapshot_requested.is_set() or now - last_checkpoint >= self.spec.run.checkpoint_interval_s:
                     self.snapshot_requested.clear()
-                    self.checkpoint()
+                    self.recovery.checkpoint()
                     last_checkpoint = time.monotonic()
                 time.sleep(_POLL_S)
         except KeyboardInterrupt:
@@ -309,7 +309,7 @@ class _Run:
             self._event("commit_failed", error=fault)
         else:
             print("\ninterrupted: saving in-flight tasks ...", file=sys.stderr)
-        saved = self.checkpoint()
+        saved = self.recovery.checkpoint()
         kept = ("in-flight tasks saved" if saved >= 0
                 else "in-flight tasks NOT saved (they restart from the last checkpoint)")
         print(f"{'stopped' if fault else 'interrupted'}: committed rows are kept, {kept}; "
@@ -321,140 +321,6 @@ class _Run:
         if threading.current_thread() is not threading.main_thread():
             return None
         return signal.signal(signal.SIGUSR2, lambda *_: self.snapshot_requested.set())
-
-    # -- checkpoints and recovery ---------------------------------------------------------------
-
-    def _cut(self, while_paused=None) -> tuple[list[str], dict[str, bytes]]:
-        """A consistent cut: pause every sender, wait for sends in flight to land, then ask each
-        actor what it holds. Nothing moves between actors in between, so each in-flight task is
-        seen exactly once (in an inbox, inside a step as its pre-step message, or unsent).
-        ``while_paused(outstanding, held)`` runs before anything moves again."""
-        for _ in range(10):
-            actors = self.actors
-            try:
-                ray.get([a.pause.remote() for a in actors])
-                src, *rest = ray.get([a.collect.remote() for a in actors])
-                outstanding, held = src["outstanding"], self._furthest([*src["pending"], *(d for p in rest for d in p)])
-                if while_paused is not None:
-                    while_paused(outstanding, held)
-                ray.get([a.resume.remote() for a in actors])
-                return outstanding, held
-            except RayActorError:
-                # An actor died during the cut: let the others go on, wait for it, cut again.
-                for ref in [a.resume.remote() for a in actors]:
-                    try:
-                        ray.get(ref)
-                    except RayActorError:
-                        pass
-                self._handle_restarts(self._wait_alive(), recover=False)
-        raise RuntimeError("could not take a consistent snapshot: actors keep dying")
-
-    @staticmethod
-    def _furthest(messages: list[bytes]) -> dict[str, bytes]:
-        held: dict[str, tuple[int, bytes]] = {}  # task id -> (step, message): the furthest copy wins
-        for data in messages:
-            t = Task.FromString(data)
-            if t.task_id not in held or held[t.task_id][0] < t.step:
-                held[t.task_id] = (t.step, data)
-        return {tid: data for tid, (_, data) in held.items()}
-
-    def checkpoint(self) -> int:
-        """Snapshot every task in flight into the store; return how many (-1 if it could not be written)."""
-        t0 = time.monotonic()
-        outstanding, held = self._cut()
-        messages = list(held.values())
-        try:
-            self.store.write_snapshot(messages, meta={"run_id": self.id, "in_flight": len(messages)})
-        except (OSError, StoreError) as e:
-            # Tasks are not lost: they stay where they are; a resume restarts them from the last
-            # checkpoint that was written (or from their row).
-            self.checkpoint_failures += 1
-            error = describe_write_error(e, self.job.run_dir, sum(map(len, messages)))
-            log.error("checkpoint of %d task(s) in flight failed: %s", len(messages), error)
-            self._event("checkpoint_failed", tasks=len(messages), error=error)
-            try:
-                self._reinject_lost(outstanding, held)
-            except RayActorError:
-                log.warning("the source died during a checkpoint; recovering")
-            return -1
-        seconds = time.monotonic() - t0
-        self.last_state = dict(held)
-        self.checkpoints += 1
-        log.info("checkpoint: %d task(s) in flight saved in %.2fs", len(messages), seconds)
-        self._event("checkpoint", tasks=len(messages), bytes=sum(map(len, messages)), seconds=round(seconds, 3))
-        try:
-            ray.get(self.source.remember.remote(messages))
-            self._reinject_lost(outstanding, held)
-        except RayActorError:  # the source died just now: the next health check hands the run back to it
-            log.warning("the source died during a checkpoint; recovering")
-        return len(messages)
-
-    def _wait_alive(self, timeout: float = 120) -> list:
-        """Ping every actor until all answer (restarting ones take a moment); return the ones
-        that came back as a new incarnation, having lost what they held."""
-        changed, pending = [], list(self.actors)
-        end = time.monotonic() + timeout
-        while pending:
-            refs = {a.ping.remote(): a for a in pending}
-            ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=max(0.1, end - time.monotonic()))
-            pending = [refs[r] for r in not_ready]
-            for ref in ready:
-                actor = refs[ref]
-                try:
-                    incarnation = ray.get(ref)
-                except RayActorError:
-                    pending.append(actor)
-                    continue
-                if incarnation != self.incarnations[actor]:
-                    changed.append(actor)
-                    self.incarnations[actor] = incarnation
-            if pending:
-                if time.monotonic() > end:
-                    names = ", ".join(self.names.get(a, "?") for a in pending)
-                    raise RuntimeError(f"actor(s) {names} did not come back within {timeout:.0f}s")
-                time.sleep(0.2)
-        return changed
-
-    def _recover_if_needed(self) -> None:
-        self._handle_restarts(self._wait_alive())
-
-    def _handle_restarts(self, changed: list, *, recover: bool = True) -> None:
-        """Note restarted actors; recover what they held (a restarted source gets the run back)."""
-        for actor in changed:
-            self.actor_restarts += 1
-            log.warning("actor %s died and was restarted", self.names.get(actor, "?"))
-            self._event("actor_restarted", actor=self.names.get(actor, "?"))
-        if self.source in changed:
-            self._recover_source()
-        elif changed and recover:
-            log.warning("recovering the tasks the restarted actor(s) held")
-            outstanding, held = self._cut()
-            self._reinject_lost(outstanding, held)
-
-    def _recover_source(self) -> None:
-        """The source restarted empty: hand it what the other actors hold and what is committed."""
-        def adopt(_outstanding: list[str], held: dict[str, bytes]) -> None:
-            committed = self.store.committed()
-            in_flight = {tid: m for tid, m in held.items() if tid not in committed}
-            restore = {tid: m for tid, m in self.last_state.items() if tid not in committed and tid not in in_flight}
-            skip = set(committed) | set(in_flight) | set(restore)
-            ray.get(self.source.adopt.remote(list(in_flight.values()), list(restore.values()), list(skip)))
-            self.recovered += len(restore)
-            log.warning("source restarted: %d task(s) in flight taken over, %d restored from the last checkpoint",
-                        len(in_flight), len(restore))
-            self._event("source_recovered", in_flight=len(in_flight), restored=len(restore))
-        self._cut(while_paused=adopt)
-
-    def _reinject_lost(self, outstanding: list[str], held: dict[str, bytes]) -> None:
-        lost = [tid for tid in outstanding if tid not in held]
-        if lost:
-            committed = self.store.committed()
-            lost = [tid for tid in lost if tid not in committed]
-        if lost:
-            log.warning("re-sending %d task(s) lost with a dead actor, from their last known state", len(lost))
-            n = ray.get(self.source.reinject.remote(lost))
-            self.recovered += n
-            self._event("recovered", tasks=n)
 
     def _heal_services(self) -> None:
         """Services whose replicas need a word to serve again after a restart get it here."""

@@ -1,0 +1,169 @@
+"""Checkpoints and recovery: the part of the driver that touches task messages.
+
+A checkpoint is a consistent cut (every actor pauses sending, sends in flight land, each actor
+reports what it holds) saved to the store. When an actor comes back as a new incarnation, what
+it held is re-sent from the last state the run knew of; a restarted source is handed the run back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import ray
+from ray.exceptions import RayActorError
+
+from matrix_hpc.runtime.message import Task
+from matrix_hpc.runtime.sink import describe_write_error
+from matrix_hpc.store import RunStore, StoreError
+
+log = logging.getLogger("matrix_hpc.runtime.driver")  # one logger for the driver's messages
+
+
+class Recovery:
+    """Checkpoints and recovery over the actors of one run (source first in ``actors``)."""
+
+    def __init__(self, *, run_id: str, store: RunStore, actors: list, names: dict,
+                 last_state: dict[str, bytes], event: Callable[..., None]):
+        self.run_id = run_id
+        self.store = store
+        self.actors = actors
+        self.source = actors[0]
+        self.names = names
+        self.last_state = last_state  # task id -> message at the last checkpoint (or restore)
+        self.event = event
+        self.incarnations = dict(zip(actors, ray.get([a.ping.remote() for a in actors]), strict=True))
+        self.recovered = self.checkpoints = self.checkpoint_failures = self.actor_restarts = 0
+
+    def cut(self, while_paused=None) -> tuple[list[str], dict[str, bytes]]:
+        """A consistent cut: pause every sender, wait for sends in flight to land, then ask each
+        actor what it holds. Nothing moves between actors in between, so each in-flight task is
+        seen exactly once (in an inbox, inside a step as its pre-step message, or unsent).
+        ``while_paused(outstanding, held)`` runs before anything moves again."""
+        for _ in range(10):
+            actors = self.actors
+            try:
+                ray.get([a.pause.remote() for a in actors])
+                src, *rest = ray.get([a.collect.remote() for a in actors])
+                outstanding, held = src["outstanding"], self._furthest([*src["pending"], *(d for p in rest for d in p)])
+                if while_paused is not None:
+                    while_paused(outstanding, held)
+                ray.get([a.resume.remote() for a in actors])
+                return outstanding, held
+            except RayActorError:
+                # An actor died during the cut: let the others go on, wait for it, cut again.
+                for ref in [a.resume.remote() for a in actors]:
+                    try:
+                        ray.get(ref)
+                    except RayActorError:
+                        pass
+                self._handle_restarts(self._wait_alive(), recover=False)
+        raise RuntimeError("could not take a consistent snapshot: actors keep dying")
+
+    @staticmethod
+    def _furthest(messages: list[bytes]) -> dict[str, bytes]:
+        held: dict[str, tuple[int, bytes]] = {}  # task id -> (step, message): the furthest copy wins
+        for data in messages:
+            t = Task.FromString(data)
+            if t.task_id not in held or held[t.task_id][0] < t.step:
+                held[t.task_id] = (t.step, data)
+        return {tid: data for tid, (_, data) in held.items()}
+
+    def checkpoint(self) -> int:
+        """Snapshot every task in flight into the store; return how many (-1 if it could not be written)."""
+        t0 = time.monotonic()
+        outstanding, held = self.cut()
+        messages = list(held.values())
+        try:
+            self.store.write_snapshot(messages, meta={"run_id": self.run_id, "in_flight": len(messages)})
+        except (OSError, StoreError) as e:
+            # Tasks are not lost: they stay where they are; a resume restarts them from the last
+            # checkpoint that was written (or from their row).
+            self.checkpoint_failures += 1
+            error = describe_write_error(e, self.store.run_dir, sum(map(len, messages)))
+            log.error("checkpoint of %d task(s) in flight failed: %s", len(messages), error)
+            self.event("checkpoint_failed", tasks=len(messages), error=error)
+            try:
+                self._reinject_lost(outstanding, held)
+            except RayActorError:
+                log.warning("the source died during a checkpoint; recovering")
+            return -1
+        seconds = time.monotonic() - t0
+        self.last_state = dict(held)
+        self.checkpoints += 1
+        log.info("checkpoint: %d task(s) in flight saved in %.2fs", len(messages), seconds)
+        self.event("checkpoint", tasks=len(messages), bytes=sum(map(len, messages)), seconds=round(seconds, 3))
+        try:
+            ray.get(self.source.remember.remote(messages))
+            self._reinject_lost(outstanding, held)
+        except RayActorError:  # the source died just now: the next health check hands the run back to it
+            log.warning("the source died during a checkpoint; recovering")
+        return len(messages)
+
+    def _wait_alive(self, timeout: float = 120) -> list:
+        """Ping every actor until all answer (restarting ones take a moment); return the ones
+        that came back as a new incarnation, having lost what they held."""
+        changed, pending = [], list(self.actors)
+        end = time.monotonic() + timeout
+        while pending:
+            refs = {a.ping.remote(): a for a in pending}
+            ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=max(0.1, end - time.monotonic()))
+            pending = [refs[r] for r in not_ready]
+            for ref in ready:
+                actor = refs[ref]
+                try:
+                    incarnation = ray.get(ref)
+                except RayActorError:
+                    pending.append(actor)
+                    continue
+                if incarnation != self.incarnations[actor]:
+                    changed.append(actor)
+                    self.incarnations[actor] = incarnation
+            if pending:
+                if time.monotonic() > end:
+                    names = ", ".join(self.names.get(a, "?") for a in pending)
+                    raise RuntimeError(f"actor(s) {names} did not come back within {timeout:.0f}s")
+                time.sleep(0.2)
+        return changed
+
+    def recover_if_needed(self) -> None:
+        self._handle_restarts(self._wait_alive())
+
+    def _handle_restarts(self, changed: list, *, recover: bool = True) -> None:
+        """Note restarted actors; recover what they held (a restarted source gets the run back)."""
+        for actor in changed:
+            self.actor_restarts += 1
+            log.warning("actor %s died and was restarted", self.names.get(actor, "?"))
+            self.event("actor_restarted", actor=self.names.get(actor, "?"))
+        if self.source in changed:
+            self._recover_source()
+        elif changed and recover:
+            log.warning("recovering the tasks the restarted actor(s) held")
+            outstanding, held = self.cut()
+            self._reinject_lost(outstanding, held)
+
+    def _recover_source(self) -> None:
+        """The source restarted empty: hand it what the other actors hold and what is committed."""
+        def adopt(_outstanding: list[str], held: dict[str, bytes]) -> None:
+            committed = self.store.committed()
+            in_flight = {tid: m for tid, m in held.items() if tid not in committed}
+            restore = {tid: m for tid, m in self.last_state.items() if tid not in committed and tid not in in_flight}
+            skip = set(committed) | set(in_flight) | set(restore)
+            ray.get(self.source.adopt.remote(list(in_flight.values()), list(restore.values()), list(skip)))
+            self.recovered += len(restore)
+            log.warning("source restarted: %d task(s) in flight taken over, %d restored from the last checkpoint",
+                        len(in_flight), len(restore))
+            self.event("source_recovered", in_flight=len(in_flight), restored=len(restore))
+        self.cut(while_paused=adopt)
+
+    def _reinject_lost(self, outstanding: list[str], held: dict[str, bytes]) -> None:
+        lost = [tid for tid in outstanding if tid not in held]
+        if lost:
+            committed = self.store.committed()
+            lost = [tid for tid in lost if tid not in committed]
+        if lost:
+            log.warning("re-sending %d task(s) lost with a dead actor, from their last known state", len(lost))
+            n = ray.get(self.source.reinject.remote(lost))
+            self.recovered += n
+            self.event("recovered", tasks=n)
