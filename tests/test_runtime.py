@@ -138,7 +138,9 @@ async def lost(item, ctx):
         summary = run(job, progress=False)
     assert summary.failed == 3
     t, _ = results(job)[0]
-    assert "returned 'nobody', which is not a role of this job (done, lost)" in t.error.message
+    assert t.error.message == ("UnknownRole: agent agents:lost returned 'nobody', which is not a role of this "
+                               "job (roles: lost; return matrix_hpc.DONE to finish the task)")
+    assert t.error.traceback == f'  File "{job.dir / "agents.py"}", line 2, in lost\n'
 
 
 def test_a_bad_row_fails_alone(ray_session, make_job):

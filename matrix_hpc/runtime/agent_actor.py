@@ -36,6 +36,19 @@ class StepTimeout(TimeoutError):
     """A step ran past its role's ``step_timeout_s``."""
 
 
+class UnknownRole(ValueError):
+    """An agent named a next role the job does not have."""
+
+
+def _defined_at(fn) -> str:
+    """Where the agent that returned a wrong role is defined, as a traceback line."""
+    fn = inspect.unwrap(getattr(fn, "__func__", fn))
+    try:
+        return f'  File "{inspect.getsourcefile(fn)}", line {inspect.getsourcelines(fn)[1]}, in {fn.__qualname__}\n'
+    except (OSError, TypeError):
+        return f"  in {getattr(fn, '__qualname__', repr(fn))}\n"
+
+
 def payload_class(job: Job) -> type:
     """Import the job's generated payload modules and return the payload message class."""
     for path in reversed(job.import_paths()):
@@ -75,6 +88,7 @@ class AgentActor(ActorBase):
         self.retry = rs.retry or job.spec.run.retry
         self.roles = set(job.spec.roles) | {DONE}
         self.payload_cls = payload_class(job)
+        self.agent_ref = rs.agent
         self.step_fn = resolve_agent(rs.agent)
         self.services = services
         self.logger = logging.getLogger(f"matrix_hpc.agent.{role}")
@@ -150,8 +164,10 @@ class AgentActor(ActorBase):
             task.retries += attempt
             task.service_waits += waits
             if nxt not in self.roles:
-                set_error(task, self.role, f"agent returned {nxt!r}, which is not a role of this job "
-                          f"({', '.join(sorted(self.roles))})")
+                set_error(task, self.role, UnknownRole(
+                    f"agent {self.agent_ref} returned {nxt!r}, which is not a role of this job (roles: "
+                    f"{', '.join(sorted(self.roles - {DONE}))}; return matrix_hpc.DONE to finish the task)"))
+                task.error.traceback = _defined_at(self.step_fn)
                 return task
             task.payload.Pack(payload)
             task.step += 1
