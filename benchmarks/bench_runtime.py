@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import psutil  # noqa: E402
@@ -26,6 +25,7 @@ import ray  # noqa: E402
 
 from matrix_hpc import load_job, run  # noqa: E402
 from matrix_hpc.runtime.message import Task  # noqa: E402
+from matrix_hpc.runtime.security import LocalRay  # noqa: E402
 
 HOPS = 6
 PROTO = 'syntax = "proto3";\npackage bench;\nmessage Item {\n  string text = 1;\n  int64 n = 2;\n}\n'
@@ -198,9 +198,8 @@ def main() -> None:
     args = ap.parse_args()
     print(f"machine: {platform.node()} {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
           f"python {platform.python_version()}, ray {ray.__version__}")
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=512 * 2**20,
-             log_to_driver=False)
-    with tempfile.TemporaryDirectory() as tmp:
+    # The Ray a run starts itself: loopback only, token auth
+    with tempfile.TemporaryDirectory() as tmp, LocalRay(tmp, object_store_memory=512 * 2**20, log_to_driver=False):
         root = Path(tmp)
         noop = bench_noop(root, 5000 if args.quick else 100_000)
         print(f"no-op, {HOPS} hops: {noop['tasks']} tasks in {noop['seconds']}s = {noop['hops_per_s']} hops/s "
@@ -222,7 +221,6 @@ def main() -> None:
         print(f"  matrix/batch = {tail['matrix_vs_batch']}x, matrix/central = {tail['matrix_vs_central']}x")
         print(f"central orchestrator with no-op agents: {tail['central_noop_hops_per_s']} hops/s")
         print(json.dumps({"noop": noop, "noop_checkpointing": ckpt, "memory": mem, "heavy_tail": tail}))
-    ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 
 from matrix_hpc.services.sandbox.client import SandboxClient
@@ -90,15 +91,12 @@ async def in_process(args) -> dict:
 
 
 def with_ray() -> dict:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
+    from matrix_hpc.runtime.security import LocalRay
     from matrix_hpc.services.sandbox import deploy
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             object_store_memory=256 * 1024**2, log_to_driver=False)
-    try:
+    with tempfile.TemporaryDirectory() as tmp, LocalRay(tmp, num_cpus=2, object_store_memory=256 * 1024**2,
+                                                         log_to_driver=False):
         t = time.perf_counter()
         ep = deploy("bench", SandboxSpec(image="python"))
         t_deploy = time.perf_counter() - t
@@ -107,8 +105,6 @@ def with_ray() -> dict:
         assert r.ok
         ep.shutdown()
         return {"ray_deploy_s": round(t_deploy, 3), "ray_deploy_to_first_result_s": round(total, 3)}
-    finally:
-        ray.shutdown()
 
 
 MULTI = "import os, time\nfor _ in range(7):\n    if os.fork() == 0:\n        break\ntime.sleep(2)\n"
