@@ -76,6 +76,10 @@ class LLMReplica:
     async def healthy(self) -> bool:
         return self._server is not None and self._server.healthy
 
+    async def reset_prefix_cache(self) -> bool:
+        """Reached through the Ray cluster only (a run's Ray needs its token), never over gRPC."""
+        return self._server is not None and await self._server.reset_prefix_cache()
+
     async def stop(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()

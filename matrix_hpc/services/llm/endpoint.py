@@ -60,12 +60,10 @@ class LLMEndpoint:
         """An async client; ``key`` (the task id) keeps a task's turns on one replica."""
         return LLMClient(self, key)
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the replicas (driver only). Safe to call twice."""
+    def _actors(self) -> list[Any]:
+        """The replicas' Ray actors (deployed ones only)."""
         import ray
 
-        if not ray.is_initialized():
-            return
         handles = list(_HANDLES.get(self.uid, []))
         if not handles:  # another process (or a copy of the endpoint): find the actors by name
             for r in self.replicas:
@@ -75,6 +73,27 @@ class LLMEndpoint:
                     handles.append(ray.get_actor(r.actor_name, namespace=self.namespace))
                 except ValueError:
                     continue  # already gone
+        return handles
+
+    def reset_prefix_cache(self, timeout: float = 60.0) -> list[bool]:
+        """Make every deployed replica forget its cached prompt prefixes (between benchmark phases
+        that send identical prompts, say). Goes through the Ray cluster, not gRPC: only a process
+        inside the run's Ray can do it. One bool per replica found: False where the backend has no
+        prefix cache (scripted, openai) or a request still holds cache blocks (call it with nothing
+        in flight)."""
+        import ray
+
+        if any(r.actor_name is None for r in self.replicas):
+            raise ValueError(f"LLM {self.name!r}: reset_prefix_cache needs replicas started by deploy()")
+        return list(ray.get([h.reset_prefix_cache.remote() for h in self._actors()], timeout=timeout))
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the replicas (driver only). Safe to call twice."""
+        import ray
+
+        if not ray.is_initialized():
+            return
+        handles = self._actors()
         refs = [h.stop.remote() for h in handles]
         try:  # graceful first: the vLLM engine stops its own subprocesses
             ray.wait(refs, num_returns=len(refs), timeout=timeout)

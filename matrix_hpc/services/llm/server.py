@@ -371,6 +371,11 @@ class LLMServer:
     def healthy(self) -> bool:
         return self.servicer._healthy and self.backend.healthy()
 
+    async def reset_prefix_cache(self) -> bool:
+        """Admin, in-process only (no RPC): forget the engine's cached prompt prefixes, e.g. between
+        benchmark phases that send identical prompts. True if the cache was dropped."""
+        return await self.backend.reset_prefix_cache()
+
     async def stop(self, grace: float = 2.0) -> None:
         if self._watch is not None:
             self._watch.cancel()

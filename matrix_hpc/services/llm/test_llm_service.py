@@ -277,6 +277,18 @@ def test_a_restarted_replica_is_found_again_at_its_new_port(ray_local):
         endpoint.shutdown()
 
 
+def test_reset_prefix_cache_reaches_every_deployed_replica_through_ray(ray_local, echo):
+    # the scripted backend has no prefix cache to drop: each replica answers False
+    endpoint = deploy("forgetful", LLMSpec(backend="scripted", replicas=2), base_dir=".")
+    try:
+        assert endpoint.reset_prefix_cache() == [False, False]
+    finally:
+        endpoint.shutdown()
+    # servers started elsewhere are not Ray actors: no way in
+    with pytest.raises(ValueError, match="'echo': reset_prefix_cache needs replicas started by deploy"):
+        echo.endpoint().reset_prefix_cache()
+
+
 def test_spec_sampling_defaults_apply_when_a_request_leaves_them_unset(echo):
     spec = LLMSpec(backend="scripted", sampling={"max_tokens": 2, "n": 2})
     with BackgroundServer(spec, "defaults") as srv:

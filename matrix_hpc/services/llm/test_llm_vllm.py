@@ -218,6 +218,24 @@ def test_32_concurrent_requests_are_batched_by_the_engine(client):
     assert sum(r.usage.cached_prompt_tokens for r in results) > 0
 
 
+def test_seeded_requests_whose_prompts_overflow_one_step_do_not_kill_the_engine(smol):
+    # 32 seeded prompts of ~300 tokens, all at once: more prompt tokens than one engine step takes.
+    # With chunked prefill (vLLM's default) a seeded request prefilled in parts rewinds its random
+    # generator, which a CPU generator cannot do: the engine died ("CPU Generator does not use
+    # offset"). The CPU defaults turn chunked prefill off.
+    client = smol.endpoint(retries=0, timeout_s=180).client()  # a dead engine fails, not hangs
+
+    async def main():
+        prompts = [f"Request {i}. " + "Describe a quiet harbour town at dawn, in detail. " * 25 for i in range(32)]
+        return await asyncio.gather(*[client.chat(p, seed=i, temperature=0.7, max_tokens=8)
+                                      for i, p in enumerate(prompts)])
+
+    results = run(main())
+    assert len(results) == 32 and all(r.usage.prompt_tokens > 250 for r in results)
+    assert sum(r.usage.prompt_tokens for r in results) > 8192  # more than any step's budget
+    assert all(r.usage.completion_tokens >= 1 for r in results)
+
+
 def test_invalid_requests_against_the_real_engine(client):
     async def expect(message, *args, **kwargs):
         with pytest.raises(InvalidRequest) as err:
@@ -254,6 +272,30 @@ def test_openai_backend_forwards_to_a_real_openai_compatible_server(upstream):
     assert set(json.loads(person.text)) >= {"name", "age"}
     assert done.text and done.usage.prompt_tokens > 0
     assert "upstream" in str(err) and "400" in str(err)
+
+
+def test_reset_prefix_cache_forgets_prefixes_but_not_while_a_request_runs(smol, client):
+    # longer than a few KV blocks (128 tokens on CPU), and sent by no other test
+    prompt = [{"role": "user", "content": "List the first prime numbers, one per line. " * 30}]
+
+    async def cached_tokens() -> int:
+        return (await client.chat(prompt, temperature=0, max_tokens=4)).usage.cached_prompt_tokens
+
+    async def reset_during_a_stream() -> bool:
+        stream = client.stream_chat(prompt, temperature=0, max_tokens=200)
+        async for _ in stream:  # the first chunk: the request is running and holds its blocks
+            refused = not smol.call(smol.server.reset_prefix_cache())
+            async for _ in stream:
+                pass
+            return refused
+        raise AssertionError("the stream gave nothing")
+
+    first, again = run(cached_tokens()), run(cached_tokens())
+    assert first == 0 and again >= 256, (first, again)  # the repeat found the prompt's blocks
+    assert smol.call(smol.server.reset_prefix_cache()) is True
+    assert run(cached_tokens()) == 0  # ... which are gone after the reset
+    assert run(reset_during_a_stream()) is True  # vLLM refuses while a request holds blocks
+    assert run(cached_tokens()) > 0  # and so they were kept
 
 
 def test_dead_engine_is_unavailable_and_reported_not_serving(smol):

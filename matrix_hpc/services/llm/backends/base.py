@@ -57,6 +57,10 @@ class Backend(abc.ABC):
     def stats(self) -> dict[str, int]:
         return {}
 
+    async def reset_prefix_cache(self) -> bool:
+        """Drop the cached prompt prefixes; False when there is none to drop or it is in use."""
+        return False
+
     @abc.abstractmethod
     async def generate(self, req: GenRequest) -> ChatResult:
         """All choices at once (``ChatResult.request_id/model/replica`` are filled by the server)."""

@@ -30,6 +30,10 @@ CPU_ENGINE_DEFAULTS: dict[str, Any] = {
     "max_model_len": 2048,
     "max_num_seqs": 64,
     "dtype": "bfloat16",
+    # A seeded request whose prompt is prefilled in parts rewinds its random generator, which a
+    # CPU generator cannot do: the engine dies ("CPU Generator does not use offset"). Whole-prompt
+    # prefills only; a step takes as many tokens as the longest prompt, at least.
+    "enable_chunked_prefill": False,
 }
 
 
@@ -128,6 +132,12 @@ class VLLMBackend(Backend):
 
     def stats(self) -> dict[str, int]:
         return self._stats.as_dict()
+
+    async def reset_prefix_cache(self) -> bool:
+        """vLLM refuses (False, with a warning) while a running request holds cache blocks."""
+        if self.engine is None:
+            return False
+        return bool(await self.engine.reset_prefix_cache())
 
     # -- request building -----------------------------------------------------------------------
     def _prompt_ids(self, req: GenRequest) -> list[int]:
