@@ -262,6 +262,10 @@ def one_round(i: int, engine: Engine, agents, services, tmp: Path, rows: int, co
     # one extra step costs says what a barrier wastes on this hardware; were a step's cost
     # independent of its batch (decoding on a GPU, nearly), (b) would take steps(b)/steps(c) longer.
     a, b, c = results["a"], results["b"], results["c"]
+    if len({p.generation_tokens for p in results.values()}) > 1:
+        print(f"  round {i + 1}: the phases generated different tokens ({a.generation_tokens}, "
+              f"{b.generation_tokens}, {c.generation_tokens}): bf16 logits depend on the batch's shape; "
+              "the rates compare, the step counts do not", flush=True)
     extra = (b.seconds - c.seconds) / max(1, b.steps - c.steps)
     print(f"  round {i + 1}: (a)/(b) {a.rate / b.rate:.2f}, (a)/(c) {a.rate / c.rate:.2f}; (b) took "
           f"{b.steps - c.steps} more engine steps than (c), {1000 * extra:.0f} ms each (a mean step: "
