@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -198,6 +199,23 @@ def test_logprobs_and_forced_tool_call(client):
     assert all(len(t.top) >= 2 for t in toks)
     assert call.finish_reason == "tool_calls" and call.tool_calls[0].name == "get_weather"
     assert isinstance(call.tool_calls[0].arguments["city"], str)
+
+
+def test_a_tagged_call_in_the_text_is_a_call_with_auto_and_text_with_none(client):
+    tools = [{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    tagged = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+
+    async def ask(choice):  # the regex makes the model write exactly the tagged call
+        return await client.chat("Weather in Paris?", tools=tools, tool_choice=choice, temperature=0,
+                                 max_tokens=100, regex=re.escape(tagged))
+
+    async def both():
+        return await asyncio.gather(ask("auto"), ask("none"))
+
+    auto, none = run(both())
+    assert auto.finish_reason == "tool_calls" and [c.name for c in auto.tool_calls] == ["get_weather"]
+    assert auto.tool_calls[0].arguments == {"city": "Paris"}
+    assert none.tool_calls == [] and none.text == tagged and none.finish_reason != "tool_calls"
 
 
 def test_32_concurrent_requests_are_batched_by_the_engine(client):
