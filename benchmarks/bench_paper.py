@@ -54,7 +54,6 @@ import yaml  # noqa: E402
 
 from matrix_hpc import DONE, load_job, run  # noqa: E402
 from matrix_hpc.job.dataset import iter_rows  # noqa: E402
-from matrix_hpc.runtime import driver  # noqa: E402
 from matrix_hpc.runtime.agent_actor import payload_class  # noqa: E402
 from matrix_hpc.runtime.context import Context  # noqa: E402
 from matrix_hpc.runtime.message import TaskFactory  # noqa: E402
@@ -191,13 +190,7 @@ def engine_direct(job, agents, services, concurrency: int) -> None:
 
 def matrix(job, engine: Engine) -> tuple[int, float]:
     """(a): the runtime, with the job's `smol` service being the shared engine."""
-    real_deploy, real_shutdown = driver.deploy_all, driver.shutdown_all
-    driver.deploy_all = lambda services, base_dir, **kwargs: {"llm": {"smol": engine.endpoint}}
-    driver.shutdown_all = lambda endpoints: None
-    try:
-        summary = run(job, progress=False)
-    finally:
-        driver.deploy_all, driver.shutdown_all = real_deploy, real_shutdown
+    summary = run(job, progress=False, services={"llm": {"smol": engine.endpoint}})
     assert summary.failed == 0, f"{summary.failed} task(s) failed"
     return summary.done, summary.processing_s
 

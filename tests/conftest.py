@@ -43,7 +43,8 @@ def make_job(tmp_path: Path):
     """Write a job folder (proto, agents, dataset, job.yaml) and return the job.yaml path."""
 
     def make(agents: str, roles: dict, first_role: str, rows: int | list[dict] = 10, *, run: dict | None = None,
-             dataset: dict | None = None, payload: dict | None = None, name: str = "t") -> Path:
+             dataset: dict | None = None, payload: dict | None = None, name: str = "t",
+             services: dict | None = None) -> Path:
         d = tmp_path / name
         d.mkdir()
         (d / "item.proto").write_text(PROTO.format(pkg=name))
@@ -57,6 +58,7 @@ def make_job(tmp_path: Path):
             "roles": roles,
             "first_role": first_role,
             "run": {"output_dir": "out", "commit_interval_s": 0.2, **(run or {})},
+            **({"services": services} if services else {}),
         }
         (d / "job.yaml").write_text(json.dumps(spec, indent=2))
         return d / "job.yaml"

@@ -7,12 +7,14 @@ import threading
 import time
 from collections import Counter
 
+import pytest
 from conftest import deadline
 from google.protobuf import message_factory
 from matrix_hpc.v1 import task_pb2
 
 from matrix_hpc import load_job, run
 from matrix_hpc.protogen import pool_from_descriptor_set
+from matrix_hpc.services.llm import LLMSpec, deploy
 from matrix_hpc.store import RunStore
 
 THREE_ROLES = """
@@ -243,3 +245,30 @@ async def work(item, ctx):
     counts = summary.actor_steps["work"]
     assert sum(counts) == 900
     assert min(counts) >= 900 * 0.15, counts
+
+
+ASKING = """
+from matrix_hpc import DONE
+
+async def ask(item, ctx):
+    item.text = (await ctx.llm("smol").chat(item.text)).text
+    return DONE
+"""
+
+
+def test_an_already_deployed_service_serves_several_runs_and_stays_up(ray_session, make_job):
+    shared = deploy("shared", LLMSpec.model_validate({"backend": "scripted",
+                                                      "scripted": {"mode": "canned", "replies": ["shared"]}}))
+    own = {"llm": {"smol": {"backend": "scripted", "scripted": {"mode": "canned", "replies": ["own"]}}}}
+    try:
+        for name in ("one", "two"):
+            job = load_job(make_job(ASKING, {"ask": {"agent": "agents:ask"}}, "ask", rows=5, name=name, services=own))
+            with deadline(60):
+                summary = run(job, progress=False, services={"llm": {"smol": shared}})
+            assert summary.done == 5
+            assert [p.text for _, p in results(job)] == ["shared"] * 5  # not the job's own engine
+        with pytest.raises(ValueError, match=r"declares no llm service 'other' \(it declares: llm.smol\)"):
+            run(job, run_dir=job.run_dir.parent / "never", services={"llm": {"other": shared}})
+        assert not (job.run_dir.parent / "never").exists()
+    finally:
+        shared.shutdown()

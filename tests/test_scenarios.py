@@ -14,7 +14,6 @@ import asyncio
 import importlib.util
 import json
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ import yaml
 from conftest import deadline
 
 from matrix_hpc import load_job, run
-from matrix_hpc.runtime import driver
 from matrix_hpc.store import export
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
@@ -41,25 +39,7 @@ def smol(ray_session):
     endpoint.shutdown()
 
 
-@contextmanager
-def sharing_llm(endpoint, monkeypatch):
-    """Runs deploy their sandboxes as usual but get ``endpoint`` for `smol` instead of a new engine."""
-    real_deploy, real_shutdown = driver.deploy_all, driver.shutdown_all
-
-    def deploy_all(services, base_dir, **kwargs):
-        assert services["llm"] == {"smol": SMOL}, "the jobs declare the engine this module shares"
-        endpoints = real_deploy({k: v for k, v in services.items() if k != "llm"}, base_dir, **kwargs)
-        return {**endpoints, "llm": {"smol": endpoint}}
-
-    def shutdown_all(endpoints):
-        real_shutdown({k: v for k, v in endpoints.items() if k != "llm"})
-
-    monkeypatch.setattr(driver, "deploy_all", deploy_all)
-    monkeypatch.setattr(driver, "shutdown_all", shutdown_all)
-    yield
-
-
-def run_job(name: str, rows: int, tmp_path: Path, smol, monkeypatch) -> list[dict]:
+def run_job(name: str, rows: int, tmp_path: Path, smol) -> list[dict]:
     """Run jobs/<name> as shipped on its first ``rows`` rows; return the exported rows by row id."""
     job_dir = tmp_path / name
     shutil.copytree(JOBS / name, job_dir)
@@ -68,8 +48,9 @@ def run_job(name: str, rows: int, tmp_path: Path, smol, monkeypatch) -> list[dic
     spec["run"]["output_dir"] = "out"
     (job_dir / "job.yaml").write_text(yaml.safe_dump(spec))
     job = load_job(job_dir / "job.yaml")
-    with sharing_llm(smol, monkeypatch), deadline(300):
-        summary = run(job, progress=False)
+    assert job.spec.services["llm"] == {"smol": SMOL}, "the jobs declare the engine this module shares"
+    with deadline(300):  # the module's engine serves `smol`; the job's sandboxes are deployed as usual
+        summary = run(job, progress=False, services={"llm": {"smol": smol}})
     assert (summary.done, summary.failed) == (rows, 0)
     out = tmp_path / f"{name}.jsonl"
     assert export(job.run_dir, out, format="jsonl") == rows
@@ -86,9 +67,9 @@ def load_agents(name: str):
     return module
 
 
-def test_collab_reasoning_agreement_follows_the_extracted_answers(smol, tmp_path, monkeypatch):
+def test_collab_reasoning_agreement_follows_the_extracted_answers(smol, tmp_path):
     agents = load_agents("collab_reasoning")
-    rows = run_job("collab_reasoning", 4, tmp_path, smol, monkeypatch)
+    rows = run_job("collab_reasoning", 4, tmp_path, smol)
     dataset = [json.loads(line) for line in (JOBS / "collab_reasoning/questions.jsonl").read_text().splitlines()]
     for r, source in zip(rows, dataset, strict=False):
         assert (r["question"], r["choices"], r["key"]) == (source["question"], source["choices"], source["key"])
@@ -129,9 +110,9 @@ def sandbox(ray_session):
     endpoint.shutdown()
 
 
-def test_code_verify_passed_rows_pass_again_in_the_sandbox(smol, sandbox, tmp_path, monkeypatch):
+def test_code_verify_passed_rows_pass_again_in_the_sandbox(smol, sandbox, tmp_path):
     agents = load_agents("code_verify")
-    rows = run_job("code_verify", 4, tmp_path, smol, monkeypatch)
+    rows = run_job("code_verify", 4, tmp_path, smol)
     for r in rows:
         attempts = r["attempts"]
         assert 1 <= len(attempts) <= agents.MAX_ATTEMPTS
@@ -155,9 +136,9 @@ def test_code_verify_tester_tells_right_from_wrong(sandbox):
     assert rerun_tests(sandbox, "import os\nos._exit(0)\n", tests) is False  # exiting early is no pass
 
 
-def test_tool_use_rewards_agree_with_the_replayed_environment(smol, tmp_path, monkeypatch):
+def test_tool_use_rewards_agree_with_the_replayed_environment(smol, tmp_path):
     shop_env = load_agents("tool_use").shop_env
-    rows = run_job("tool_use", 4, tmp_path, smol, monkeypatch)
+    rows = run_job("tool_use", 4, tmp_path, smol)
     dataset = [json.loads(line) for line in (JOBS / "tool_use/episodes.jsonl").read_text().splitlines()]
     for r, source in zip(rows, dataset, strict=False):
         msgs = r["messages"]

@@ -35,7 +35,7 @@ from matrix_hpc.runtime.security import (
     services_tls,
     use_cluster_token,
 )
-from matrix_hpc.runtime.services import deploy_all, shutdown_all
+from matrix_hpc.runtime.services import Endpoints, deploy_all, shutdown_all
 from matrix_hpc.runtime.sink import SinkActor
 from matrix_hpc.runtime.source import SourceActor
 from matrix_hpc.runtime.summary import RunSummary, failure_breakdown
@@ -50,23 +50,28 @@ _HEALTH_S = 1.0
 
 
 def run(job: Job | str | Path, *, run_dir: str | Path | None = None, force: bool = False,
-        progress: bool = True, on_start=None, stop_requested: threading.Event | None = None) -> RunSummary:
+        progress: bool = True, on_start=None, stop_requested: threading.Event | None = None,
+        services: Endpoints | None = None) -> RunSummary:
     """Run (or resume, if ``run_dir`` already holds a store) a job on Ray; return its summary.
 
     Connects to ``RAY_ADDRESS`` if set, else starts a local Ray (or uses the one already
     initialized in this process). ``on_start(run)`` is called once every actor is up.
     Setting ``stop_requested`` (e.g. from a signal handler) stops the run as Ctrl-C does:
     a checkpoint of every task in flight, then an interrupted summary.
+    ``services`` (``{kind: {name: endpoint}}``, endpoints from ``deploy``) are used as they are,
+    in place of the job's services of the same names, and left running: one engine can serve
+    several runs. The job's other services are deployed and stopped as usual.
     """
     if not isinstance(job, Job):
         job = load_job(job, run_dir=run_dir)
     elif run_dir is not None:
         job.run_dir = Path(run_dir).resolve()
+    given = _given_services(job, services or {})
     previous_umask = os.umask(0o077)  # what the run writes, and the Ray it starts, are the user's alone
     try:
         prepare_run_dir(job.run_dir)
         # Opens the store: a refusal comes before Ray.
-        runner = _Run(job, force=force, progress=progress, stop=stop_requested)
+        runner = _Run(job, force=force, progress=progress, stop=stop_requested, services=given)
         stop_ray = None
         previous: dict = {}
         try:
@@ -121,6 +126,17 @@ def _ensure_ray(run_dir: Path) -> Callable[[], None] | None:
     return local.stop
 
 
+def _given_services(job: Job, services: Endpoints) -> Endpoints:
+    """The already-deployed services a caller hands ``run``; each must be one the job declares."""
+    for kind, by_name in services.items():
+        for name in by_name:
+            if name not in (job.spec.services.get(kind) or {}):
+                declared = [f"{k}.{n}" for k, entries in job.spec.services.items() for n in entries or {}]
+                raise ValueError(f"run(services=...): the job {job.spec.name!r} declares no {kind} service "
+                                 f"{name!r} (it declares: {', '.join(declared) or 'none'})")
+    return services
+
+
 def open_store(job: Job, *, force: bool) -> tuple[RunStore, bool]:
     """Create the run store, or reopen it for a resume (refusing if the job changed)."""
     try:
@@ -135,9 +151,11 @@ def open_store(job: Job, *, force: bool) -> tuple[RunStore, bool]:
 
 
 class _Run:
-    def __init__(self, job: Job, *, force: bool, progress: bool, stop: threading.Event | None = None):
+    def __init__(self, job: Job, *, force: bool, progress: bool, stop: threading.Event | None = None,
+                 services: Endpoints | None = None):
         self.job = job
         self.spec = job.spec
+        self.given = services or {}
         self.store, self.resuming = open_store(job, force=force)
         self.id = uuid.uuid4().hex[:8]
         self.show_progress = progress
@@ -200,9 +218,13 @@ class _Run:
                     committed=len(committed), run_id=self.id)
         t0 = time.monotonic()
         deploying = lambda kind, name: self.term.phase(f"deploying {kind} service {name!r}")  # noqa: E731
-        self.endpoints = endpoints = deploy_all(self.spec.services, self.job.dir, on_deploy=deploying,
-                                                secret=service_secret(self.job.run_dir),
-                                                tls=services_tls(self.job.run_dir))
+        to_deploy = {kind: {name: settings for name, settings in (entries or {}).items()
+                            if name not in self.given.get(kind, {})}
+                     for kind, entries in self.spec.services.items()}
+        owned = deploy_all(to_deploy, self.job.dir, on_deploy=deploying, secret=service_secret(self.job.run_dir),
+                           tls=services_tls(self.job.run_dir))
+        self.endpoints = endpoints = {kind: {**owned.get(kind, {}), **self.given.get(kind, {})}
+                                      for kind in {*owned, *self.given}}
         outcome = "interrupted"
         finals: list[dict] = []
         try:
@@ -222,7 +244,7 @@ class _Run:
         finally:
             for a in self.actors:
                 ray.kill(a, no_restart=True)
-            shutdown_all(endpoints)
+            shutdown_all(owned)
         errors = [f["commit_error"] for f in finals if f.get("commit_error")]
         if errors and not self.stopped_by:
             self.stopped_by = errors[0]
