@@ -93,6 +93,8 @@ def _status(args) -> int:
     ]
     if st["duplicates"]:
         rows.append(("warning", f"{st['duplicates']} row(s) committed twice (the first is kept)"))
+    if st["damaged"]:
+        rows.append(("warning", f"steps and retries not counted: {st['damaged']}"))
     if st["unreadable_envelopes"]:
         rows.append(("warning", f"{st['unreadable_envelopes']} committed row(s) are not readable task messages"))
     if st["torn_segments"]:

@@ -214,7 +214,10 @@ class RunStore:
     def status(self) -> dict:
         """Totals and rates, read-only: safe while writers are writing."""
         segs, first, dups = self._segments.ordered()
-        counted = self.tally()
+        try:
+            counted, damaged = self.tally(), None
+        except StoreError as e:  # the totals still stand; steps and retries need every envelope
+            counted, damaged = Tally(), str(e)
         done = sum(1 for v in first.values() if v == DONE)
         failed = len(first) - done
         snap = self.snapshots.latest_attrs()
@@ -232,6 +235,7 @@ class RunStore:
             "steps_by_role": counted.steps,
             "retries": counted.retries,
             "unreadable_envelopes": counted.unreadable,
+            "damaged": damaged,
             "pending": max(self.total_tasks - done - failed, 0),
             "in_flight_at_last_checkpoint": in_flight,
             "last_checkpoint_time": snap[1]["time"] if snap else None,

@@ -400,3 +400,5 @@ def test_heap_damaged_in_place_fails_export_clearly(tmp_path):
     chunk.write_bytes(bytes(data))
     with pytest.raises(StoreError, match="damaged.*remove .*c.0.0"):
         list(RunStore.open(tmp_path / "run").iter_results())
+    st = RunStore.open(tmp_path / "run").status()  # the totals still show, and say what is damaged
+    assert st["committed"] == 20 and st["steps_by_role"] == {} and "remove" in st["damaged"]
