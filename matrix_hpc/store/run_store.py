@@ -170,11 +170,13 @@ class RunStore:
                      since: frozenset[tuple[str, int]] = frozenset()) -> Iterator[bytes]:
         """Committed Task envelopes (bytes), oldest commit first; a duplicated task id only once.
         With ``since`` (a ``mark()``), only the rows first committed after that mark."""
-        segs, _, _ = self._segments.ordered()
-        seen: set[str] = set()
+        return self._envelopes(self._segments.ordered()[0], status, since)
+
+    def _envelopes(self, segs: list, status: int | None, since: frozenset[tuple[str, int]]) -> Iterator[bytes]:
+        # the rows of marked commits count as seen, whatever the order of the commits after the mark
+        seen = {tid for s in segs if (s.writer, s.seq) in since for tid in s.task_ids}
         for s in segs:
             if (s.writer, s.seq) in since:
-                seen.update(s.task_ids)
                 continue
             v = self._segments.views[s.writer]
             try:
@@ -215,7 +217,7 @@ class RunStore:
         """Totals and rates, read-only: safe while writers are writing."""
         segs, first, dups = self._segments.ordered()
         try:
-            counted, damaged = self.tally(), None
+            counted, damaged = tally(self._envelopes(segs, None, frozenset())), None
         except StoreError as e:  # the totals still stand; steps and retries need every envelope
             counted, damaged = Tally(), str(e)
         done = sum(1 for v in first.values() if v == DONE)
