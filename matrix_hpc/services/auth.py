@@ -293,26 +293,29 @@ def bind(server: grpc.aio.Server, address: str, tls: TLSPair | None) -> int:
 
 # -- `matrix-hpc serve` ---------------------------------------------------------------------------
 
-SECRET_FILE_HELP = (
-    "file holding the secret every client must send (created owner-only with a fresh secret if missing; "
-    "refused if other users can read it). Required to bind beyond loopback. Clients: "
-    "matrix_hpc.services.auth.read_secret_file(PATH)"
-)
+def add_credential_arguments(parser) -> None:
+    """``--secret-file`` and ``--tls-dir`` of a ``matrix-hpc serve`` command."""
+    parser.add_argument(
+        "--secret-file", type=Path,
+        help="file holding the secret every client must send (created owner-only with a fresh secret if "
+        "missing; refused if other users can read it). Required to bind beyond loopback. Clients: "
+        "matrix_hpc.services.auth.read_secret_file(PATH)")
+    parser.add_argument(
+        "--tls-dir", type=Path,
+        help="serve over TLS with the self-signed certificate in this folder (tls.crt, tls.key; made "
+        "owner-only if missing). Clients trust that certificate alone: tls_cert=open(DIR/tls.crt, 'rb').read()")
 
 
-def secret_for_serve(host: str, secret_file_path: str | Path | None, what: str) -> str | None:
-    """The secret a standalone server uses (``--secret-file``); refuses beyond loopback without one.
-    Raises CredentialError with the reason."""
-    if secret_file_path is None:
-        check_bind(host, None, what)
-        return None
-    return secret_file(secret_file_path)
+def serve_credentials(args, what: str) -> tuple[str | None, TLSPair | None]:
+    """The secret and TLS pair a standalone server uses (from ``add_credential_arguments``); refuses
+    to bind ``args.host`` beyond loopback without a secret. Raises CredentialError with the reason."""
+    if args.secret_file is None:
+        check_bind(args.host, None, what)
+        secret = None
+    else:
+        secret = secret_file(args.secret_file)
+    return secret, tls_pair(args.tls_dir) if args.tls_dir else None
 
-
-TLS_DIR_HELP = (
-    "serve over TLS with the self-signed certificate in this folder (tls.crt, tls.key; made owner-only if "
-    "missing). Clients trust that certificate alone: tls_cert=open(DIR/tls.crt, 'rb').read()"
-)
 
 OPEN_SERVER_WARNING = "warning: no --secret-file: any user of this machine can call this server"
 

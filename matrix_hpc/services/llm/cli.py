@@ -9,14 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from matrix_hpc.services.auth import (
-    OPEN_SERVER_WARNING,
-    SECRET_FILE_HELP,
-    TLS_DIR_HELP,
-    CredentialError,
-    secret_for_serve,
-    tls_pair,
-)
+from matrix_hpc.services.auth import OPEN_SERVER_WARNING, CredentialError, add_credential_arguments, serve_credentials
 
 _EPILOG = """\
 examples:
@@ -59,8 +52,7 @@ def register_serve(sub) -> None:
     p.add_argument("--served-name", help="the name requests may use in `model` (default: --model)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1; 0.0.0.0 for all, which needs --secret-file)")
-    p.add_argument("--secret-file", type=Path, help=SECRET_FILE_HELP)
-    p.add_argument("--tls-dir", type=Path, help=TLS_DIR_HELP)
+    add_credential_arguments(p)
     p.add_argument("--port", type=int, default=50051, help="port to bind (0: any free port; default: 50051)")
     p.add_argument("--gpus", type=int, help="vllm: GPUs for tensor parallelism (0: CPU build; default 0)")
     p.add_argument("--max-model-len", type=int, help="vllm: context length (default 2048 on CPU)")
@@ -123,8 +115,7 @@ def _serve(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        secret = secret_for_serve(args.host, args.secret_file, f"LLM {args.name!r}")
-        tls = tls_pair(args.tls_dir) if args.tls_dir else None
+        secret, tls = serve_credentials(args, f"LLM {args.name!r}")
     except CredentialError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,14 +8,7 @@ import logging
 import signal
 import sys
 
-from matrix_hpc.services.auth import (
-    OPEN_SERVER_WARNING,
-    SECRET_FILE_HELP,
-    TLS_DIR_HELP,
-    CredentialError,
-    secret_for_serve,
-    tls_pair,
-)
+from matrix_hpc.services.auth import OPEN_SERVER_WARNING, CredentialError, add_credential_arguments, serve_credentials
 
 
 def register_serve(sub) -> None:
@@ -30,8 +23,7 @@ def register_serve(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (beyond loopback: needs --secret-file)")
-    p.add_argument("--secret-file", help=SECRET_FILE_HELP)
-    p.add_argument("--tls-dir", help=TLS_DIR_HELP)
+    add_credential_arguments(p)
     p.add_argument("--port", type=int, default=50071, help="port to bind (0: any free port)")
     p.add_argument("--runtime", choices=["bwrap", "apptainer"], default="bwrap")
     p.add_argument("--image", default="python",
@@ -67,8 +59,7 @@ def _serve(args) -> int:
         return 2
 
     try:
-        secret = secret_for_serve(args.host, args.secret_file, "sandbox")
-        tls = tls_pair(args.tls_dir) if args.tls_dir else None
+        secret, tls = serve_credentials(args, "sandbox")
     except CredentialError as e:
         print(f"matrix-hpc serve sandbox: {e}", file=sys.stderr)
         return 2
