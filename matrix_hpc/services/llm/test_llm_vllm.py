@@ -70,7 +70,7 @@ class Upstream:
                 "1024",
                 "--enforce-eager",
                 "--dtype",
-                "bfloat16",
+                "float32",
                 "--max-num-seqs",
                 "8",
             ],

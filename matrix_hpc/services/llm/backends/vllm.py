@@ -22,14 +22,14 @@ from matrix_hpc.services.llm.spec import LLMSpec
 
 # What works on a small CPU box (2 cores, 24 GiB): see docs/llm.md.
 CPU_ENV_DEFAULTS = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache (~46k tokens for SmolLM2-135M)
+    "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB of KV cache (~46k tokens for SmolLM2-135M in float32)
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # cores are shared: do not pin threads
 }
 CPU_ENGINE_DEFAULTS: dict[str, Any] = {
     "enforce_eager": True,
     "max_model_len": 2048,
     "max_num_seqs": 64,
-    "dtype": "bfloat16",
+    "dtype": "float32",  # the same greedy answers on every x86-64 CPU (embedded.py says why)
     # A seeded request whose prompt is prefilled in parts rewinds its random generator, which a
     # CPU generator cannot do: the engine dies ("CPU Generator does not use offset"). Whole-prompt
     # prefills only; a step takes as many tokens as the longest prompt, at least.
