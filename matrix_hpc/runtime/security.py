@@ -9,7 +9,8 @@ Ray that only this user can use.
 - ``ray_token(run_dir)`` / ``ray_token_env(run_dir)``: Ray's token authentication for the run's
   cluster; the Slurm bootstrap puts ``ray_token_env`` in the environment of every ``ray start``.
 - ``LocalRay``: the single-machine default: every Ray socket on loopback, token auth on (loopback is
-  reachable by every user of the machine), session files in a fresh owner-only temporary folder.
+  reachable by every user of the machine), session files in a fresh owner-only temporary folder, and
+  every process of that Ray stopped with the process that started it (``matrix_hpc.fate``).
 
 Both credentials live in ``<run_dir>/credentials/`` (0700, files 0600), created on first use and
 kept for resumes; nothing prints, logs or passes them on a command line.
@@ -17,6 +18,7 @@ kept for resumes; nothing prints, logs or passes them on a command line.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -24,6 +26,7 @@ import stat
 import tempfile
 from pathlib import Path
 
+from matrix_hpc import fate
 from matrix_hpc.services.auth import CredentialError, TLSPair, private_folder, secret_file, tls_pair
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,8 @@ CREDENTIALS_DIR = "credentials"
 SERVICE_SECRET_FILE = "service.secret"
 RAY_TOKEN_FILE = "ray.token"
 _RAY_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+RUN_TMP_VAR = "MATRIX_HPC_RUN_TMP"  # the local Ray's private temporary folder, for the run's own temporary files
+_LOCAL_RAY_RECORD = "local-ray.json"  # in the run directory: what a start made, for the next start to clear
 
 
 class RunDirRefused(Exception):
@@ -138,6 +143,10 @@ class LocalRay:
     the machine's, and then GCS, raylet, workers and agents listen on every interface. Ray's own
     local-only mode (what it uses on macOS and Windows) keeps them all on 127.0.0.1; token auth keeps
     other users of this machine out of those loopback ports, the dashboard agent's job API included.
+
+    Every process of this Ray shares the fate of the process that starts it (``matrix_hpc.fate``): a
+    watchdog stops them all when it dies, and the next start in the same run directory clears what a
+    start killed together with its watchdog left (``local-ray.json`` names it: only our own).
     """
 
     def __init__(self, run_dir: str | Path, **init_kwargs):
@@ -145,22 +154,27 @@ class LocalRay:
         self.init_kwargs = init_kwargs
         self.saved_env: dict[str, str | None] = {}
         self.temp_dir: Path | None = None
+        self.watchdog: fate.Watchdog | None = None
 
     def start(self) -> None:
         import ray
         from ray._private import ray_constants
 
-        env = {**ray_token_env(self.run_dir), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-        self.saved_env = {k: os.environ.get(k) for k in _RAY_AUTH_VARS}
-        os.environ.pop("RAY_AUTH_TOKEN", None)
-        os.environ.update(env)
+        self._clear_leftovers()
+        self.saved_env = {k: os.environ.get(k) for k in (*_RAY_AUTH_VARS, fate.OWNER_VAR, RUN_TMP_VAR)}
         self.saved_cluster_flag = ray_constants.ENABLE_RAY_CLUSTER
-        ray_constants.ENABLE_RAY_CLUSTER = False  # read by ray.init in this process; children read the env
-        _reload_ray_auth_config()
-        # Short (Unix socket paths are limited to 107 bytes), random and 0700, so nobody can plant or
-        # read it. Ray makes its own temp folder 0777: that one goes one level down.
-        self.temp_dir = Path(tempfile.mkdtemp(prefix="mhpc-ray-"))
         try:
+            # Short (Unix socket paths are limited to 107 bytes), random and 0700, so nobody can plant or
+            # read it. Ray makes its own temp folder 0777: that one goes one level down.
+            self.temp_dir = Path(tempfile.mkdtemp(prefix="mhpc-ray-"))
+            owner = fate.mark()
+            self.watchdog = fate.Watchdog(owner, self.temp_dir)  # before the mark is in our environment
+            self._record(owner)
+            os.environ.pop("RAY_AUTH_TOKEN", None)
+            os.environ.update({**ray_token_env(self.run_dir), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                               fate.OWNER_VAR: owner, RUN_TMP_VAR: str(self.temp_dir)})
+            ray_constants.ENABLE_RAY_CLUSTER = False  # read by ray.init in this process; children read the env
+            _reload_ray_auth_config()
             ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(self.temp_dir / "r"),
                      **self.init_kwargs)
         except BaseException:
@@ -180,6 +194,10 @@ class LocalRay:
 
         if ray.is_initialized():
             ray.shutdown()
+        if self.watchdog is not None:  # it stops what ray.shutdown left (Ray's agents) and removes temp_dir
+            self.watchdog.close()
+            self.watchdog = None
+            self._record_path().unlink(missing_ok=True)
         ray_constants.ENABLE_RAY_CLUSTER = self.saved_cluster_flag
         for k, v in self.saved_env.items():
             if v is None:
@@ -190,6 +208,29 @@ class LocalRay:
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = None
+
+    def _record_path(self) -> Path:
+        return self.run_dir / _LOCAL_RAY_RECORD
+
+    def _record(self, owner: str) -> None:
+        self._record_path().write_text(json.dumps({"owner": owner, "temp_dir": str(self.temp_dir)}) + "\n")
+
+    def _clear_leftovers(self) -> None:
+        """What the last start in this run directory left when it was killed with its watchdog: its
+        processes (by their mark, this user's only) and its temporary folder (if ours). Nothing while
+        the process that made it still runs."""
+        try:
+            record = json.loads(self._record_path().read_text())
+            owner, temp_dir = record["owner"], Path(record["temp_dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        if not fate.owner_has_exited(owner):
+            return
+        ours = temp_dir.name.startswith("mhpc-ray-") and temp_dir.is_dir() and temp_dir.stat().st_uid == os.geteuid()
+        killed = fate.sweep(owner, temp_dir if ours else None)
+        if killed:
+            log.warning("stopped %d process(es) left by an earlier start of this run", killed)
+        self._record_path().unlink(missing_ok=True)
 
 
 __all__ = [

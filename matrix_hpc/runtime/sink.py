@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 from pathlib import Path
 
 import ray
 from ray.exceptions import RayActorError
 
+from matrix_hpc import fate
 from matrix_hpc.job.load import Job
 from matrix_hpc.retry import backoff_s
 from matrix_hpc.runtime.agent_actor import ActorBase
@@ -50,6 +52,14 @@ def describe_write_error(e: BaseException, path: Path, pending_bytes: int) -> st
             f"at least {_size(pending_bytes)} more needed for the rows waiting)")
 
 
+def _stop_if_orphaned() -> None:
+    """Right before a commit: if the process that started this local Ray is gone (kill -9, OOM), this
+    process ends here, without committing: the run is over, and a resume may already be running."""
+    if fate.owner_gone():
+        log.error("the run's driver is gone: this sink stops without committing")
+        os._exit(1)
+
+
 class SinkActor(ActorBase):
     def __init__(self, job: Job, writer_id: str, directory: Directory, source: str, run_dir: str,
                  services: dict):
@@ -61,7 +71,7 @@ class SinkActor(ActorBase):
         store = RunStore.open(self.run_dir)
         # One writer per sink of one driver run: a sink orphaned by a killed driver may still be
         # committing while the resumed run's sinks start, and two processes must never share a writer.
-        self.writer = store.writer(writer_id)
+        self.writer = store.writer(writer_id, before_commit=_stop_if_orphaned)
         self.seen = set(store.committed())  # exactly once, across restarts and resumes
         self.source = ray.get_actor(source)
         self.interval = job.spec.run.commit_interval_s
@@ -146,7 +156,7 @@ class SinkActor(ActorBase):
             # After a failed flush: reopen the writer (it continues after what is on disk) and
             # skip rows a partly written flush did commit, so no row is written twice.
             store = RunStore.open(self.run_dir)
-            self.writer = store.writer(self.writer_id)
+            self.writer = store.writer(self.writer_id, before_commit=_stop_if_orphaned)
             committed = store.committed()
             rows = [r for r in batch if r[0] not in committed]
         for tid, row_index, status, data in rows:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import zarr
@@ -155,8 +155,11 @@ class RunStore:
         return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
     # ---- results ------------------------------------------------------------------------------
-    def writer(self, writer_id: str, *, fsync: bool = True) -> ResultWriter:
-        return ResultWriter(self.store_path, writer_id, fsync=fsync)
+    def writer(self, writer_id: str, *, fsync: bool = True,
+               before_commit: Callable[[], None] | None = None) -> ResultWriter:
+        """``before_commit`` runs in each flush after the rows' chunks are written and before the
+        records that commit them: raising (or exiting) there commits nothing."""
+        return ResultWriter(self.store_path, writer_id, fsync=fsync, before_commit=before_commit)
 
     def committed(self) -> dict[str, int]:
         """task_id -> TASK_STATUS_DONE / TASK_STATUS_FAILED for every committed row, all writers."""

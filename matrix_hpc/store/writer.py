@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,8 @@ class ResultWriter:
     after the highest chunk on disk, so nothing written before (torn or not) is overwritten.
     """
 
-    def __init__(self, store_path: Path, writer_id: str, *, fsync: bool = True):
+    def __init__(self, store_path: Path, writer_id: str, *, fsync: bool = True,
+                 before_commit: Callable[[], None] | None = None):
         if not WRITER_ID.match(writer_id or ""):
             raise StoreError(f"writer id {writer_id!r}: use letters, digits, '_', '-', '.' (max 128)")
         self.writer_id = writer_id
@@ -97,7 +99,8 @@ class ResultWriter:
         self._next_seq = last + 1
         self._heap_pos = (max([-1] + chunk_ids(self.folder / "heap")) + 1) * HEAP_CHUNK
         self._buf: list[tuple[bytes, int, int, bytes, int]] = []
-        self._before_commit = None  # test hook: called after the chunks, before the commit records
+        # called after the chunks, before the commit records (a sink's last check; tests' torn commits)
+        self._before_commit = before_commit
         self.rows_committed = 0
 
     def __repr__(self) -> str:

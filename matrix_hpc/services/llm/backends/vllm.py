@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from matrix_hpc import fate
 from matrix_hpc.services.llm import tools as toolkit
 from matrix_hpc.services.llm.backends.base import Backend, GenRequest, StreamEvent
 from matrix_hpc.services.llm.errors import InvalidArgument, Overloaded, Unavailable
@@ -78,6 +81,36 @@ class _EngineStats:
         return lambda vllm_config, engine_index=0: _Logger(vllm_config, engine_index)
 
 
+class _PrivateTemp:
+    """vLLM leaves its IPC sockets (about 7 per engine start) in the temporary folder, and a 160 MiB
+    shared-memory queue in /dev/shm when its engine is stopped: each engine gets a private temporary
+    folder (TMPDIR, VLLM_RPC_BASE_PATH), inside the local run's own (MATRIX_HPC_RUN_TMP) if there is
+    one, removed with the shared memory the engine's processes had mapped when it stops."""
+
+    VARS = ("TMPDIR", "VLLM_RPC_BASE_PATH")
+
+    def __init__(self) -> None:
+        self.path = tempfile.mkdtemp(prefix="mhpc-vllm-", dir=os.environ.get("MATRIX_HPC_RUN_TMP") or None)
+        self.saved = {k: os.environ.get(k) for k in self.VARS}
+        self.saved_tempdir = tempfile.tempdir
+        os.environ.update(dict.fromkeys(self.VARS, self.path))
+        tempfile.tempdir = self.path
+        self.shared_memory: set[str] = set()
+
+    def note_shared_memory(self) -> None:
+        self.shared_memory = fate.shared_memory_of_tree(os.getpid())
+
+    def remove(self) -> None:
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        tempfile.tempdir = self.saved_tempdir
+        fate.unlink_shared_memory(self.shared_memory)
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
 class VLLMBackend(Backend):
     name = "vllm"
 
@@ -89,6 +122,7 @@ class VLLMBackend(Backend):
         self._stats = _EngineStats()
         self._template_knows_tools = False
         self._dead = False
+        self._private_tmp: _PrivateTemp | None = None
 
     def engine_kwargs(self) -> dict[str, Any]:
         on_cpu = self.spec.gpus_per_replica == 0
@@ -116,7 +150,13 @@ class VLLMBackend(Backend):
             args = AsyncEngineArgs(**self.engine_kwargs())
         except TypeError as e:
             raise ValueError(f"bad engine_args for vLLM: {e}") from e
-        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[self._stats.logger_factory()])
+        self._private_tmp = _PrivateTemp()
+        try:
+            self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[self._stats.logger_factory()])
+        except BaseException:
+            self._private_tmp.remove()
+            raise
+        self._private_tmp.note_shared_memory()
         self.tokenizer = self.engine.get_tokenizer()
         self.max_model_len = int(self.engine.model_config.max_model_len)
         template = getattr(self.tokenizer, "chat_template", None) or ""
@@ -126,6 +166,9 @@ class VLLMBackend(Backend):
         if self.engine is not None:
             engine, self.engine = self.engine, None
             await asyncio.to_thread(engine.shutdown)
+        if self._private_tmp is not None:
+            self._private_tmp.remove()
+            self._private_tmp = None
 
     def healthy(self) -> bool:
         return self.engine is not None and not self._dead and not self.engine.errored
