@@ -100,3 +100,22 @@ def test_a_run_shows_phases_and_keeps_ray_worker_output_in_the_run_log(make_job)
     printed = re.findall(r"^\(f\[t:[0-9a-f]{8}\] pid=\d+\) agent print (\d+)$", log, re.M)
     warned = re.findall(r"^\(f\[t:[0-9a-f]{8}\] pid=\d+\) WARNING agents: row (\d+) looks odd$", log, re.M)
     assert sorted(map(int, printed)) == sorted(map(int, warned)) == [0, 10, 20, 30]
+
+
+def test_the_live_display_never_hides_the_cursor(tmp_path):
+    """A run killed with -9 cannot show the cursor again: the display must never hide it."""
+    leader, follower = os.openpty()
+    stream = os.fdopen(follower, "w", encoding="utf-8")
+    term = Terminal(enabled=True, stream=stream)
+    assert term.console.is_terminal
+    term.phase("starting Ray")
+    progress = term.progress(total=10, already=0)
+    progress.update(done=3, failed=0, in_flight=2)
+    stream.flush()
+    written = os.read(leader, 1 << 16)  # before close: what a kill -9 at this moment leaves on the screen
+    progress.close()
+    term.close()
+    stream.close()
+    os.close(leader)
+    assert b"starting Ray" in written and b"3" in written
+    assert b"\x1b[?25l" not in written

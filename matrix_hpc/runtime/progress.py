@@ -51,6 +51,19 @@ def describe_actors(spec) -> str:
     return f"starting {n} actors: source, {spec.run.sinks} sink{'s' * (spec.run.sinks > 1)}, {roles}"
 
 
+class _Console(Console):
+    """A console that never hides the terminal's cursor: rich's live display hides it until it stops,
+    and a run killed with -9 (or by the OOM killer) never stops it, leaving the user's terminal with
+    no cursor. A visible cursor at the end of the progress line is the price."""
+
+    def show_cursor(self, show: bool = True) -> bool:
+        return self.is_terminal
+
+
+def _console(stream: TextIO | None) -> Console:
+    return _Console(file=stream or sys.stderr, highlight=False, soft_wrap=True)
+
+
 class Warnings:
     """Warnings seen during a run, counted by kind (numbers blanked out), for the summary line."""
 
@@ -92,7 +105,7 @@ class Terminal:
 
     def __init__(self, *, enabled: bool = True, stream: TextIO | None = None):
         self.enabled = enabled
-        self.console = Console(file=stream or sys.stderr, highlight=False, soft_wrap=True)
+        self.console = _console(stream)
         self.warnings = Warnings()
         self.log_file: Path | None = None
         self._phase: tuple[str, float] | None = None
@@ -180,7 +193,7 @@ class Progress:
                  console: Console | None = None, warnings: Warnings | None = None, log_file: Path | None = None):
         self.total, self.already = total, already
         self.enabled = enabled
-        self.console = console or Console(file=stream or sys.stderr, highlight=False, soft_wrap=True)
+        self.console = console or _console(stream)
         self.warnings = warnings or Warnings()
         self.log_file = log_file
         self.t0 = self.last_print = time.monotonic()
