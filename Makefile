@@ -47,8 +47,9 @@ protos: venv
 	$(PY) -m matrix_hpc.protogen
 
 # The Slurm tests need the local Slurm of slurm/: started here (as root) and stopped after the suite.
+# MATRIX_HPC_CHECK_LITTER=1: the suite fails if it left anything new in /tmp or /dev/shm (conftest.py).
 test: setup lint
-	bash slurm/with-local-slurm.sh $(PY) -m pytest
+	MATRIX_HPC_CHECK_LITTER=1 bash slurm/with-local-slurm.sh $(PY) -m pytest
 
 # Each prints its figures; benchmarks/README.md records them with the machine they ran on.
 bench: setup

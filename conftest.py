@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,3 +85,71 @@ def user_dir(unprivileged_user: User):
     os.chown(d, unprivileged_user.uid, unprivileged_user.gid)
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+# -- litter: what the suite leaves in /tmp and /dev/shm ------------------------------------------------
+# `make test` sets MATRIX_HPC_CHECK_LITTER=1: the suite then fails if it left anything new at the top of
+# /tmp or /dev/shm (owned by the suite's users, made after it started), listing it. Not on by default:
+# on a machine shared with other work, others' files would be blamed on a targeted run.
+LITTER_DIRS = ("/tmp", "/dev/shm")
+NOT_LITTER = ("pytest-of-",)  # pytest's own base folder (it keeps its last three runs by design)
+
+
+def _suite_uids() -> set[int]:
+    uids = {os.geteuid()}
+    try:
+        uids.add(pwd.getpwnam(TEST_USER).pw_uid)
+    except KeyError:
+        pass
+    return uids
+
+
+def _entries() -> dict[str, tuple[int, float]]:
+    found = {}
+    for d in LITTER_DIRS:
+        try:
+            with os.scandir(d) as it:
+                for e in it:
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    found[e.path] = (st.st_uid, st.st_ctime)
+        except OSError:
+            continue
+    return found
+
+
+def litter_since(before: dict[str, tuple[int, float]], started: float) -> list[str]:
+    """Entries of /tmp and /dev/shm that were not there at ``started``, belong to the suite's users and
+    were made after it; the local Slurm's state folder and pytest's base folder are not litter."""
+    uids, slurm_dir = _suite_uids(), os.environ.get("SLURM_DIR", "")
+    return sorted(
+        path for path, (uid, ctime) in _entries().items()
+        if path not in before and uid in uids and ctime >= started
+        and not os.path.basename(path).startswith(NOT_LITTER) and path != slurm_dir
+    )
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.environ.get("MATRIX_HPC_CHECK_LITTER") == "1":
+        session.config.stash[_LITTER_KEY] = (_entries(), time.time() - 1)
+
+
+@pytest.hookimpl(trylast=True)  # after the session fixtures' teardown (the shared Ray's included)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    state = session.config.stash.get(_LITTER_KEY, None)
+    if state is None:
+        return
+    left = litter_since(*state)
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        write = reporter.write_line if reporter else print
+        write("")
+        write(f"the suite left {len(left)} thing(s) in {' and '.join(LITTER_DIRS)}:")
+        for path in left:
+            write(f"  {path}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_LITTER_KEY = pytest.StashKey[tuple]()
