@@ -429,13 +429,14 @@ class SandboxServer(pb_grpc.SandboxServicer):
 
 
 def _sweep_stale_state(root: Path) -> None:
-    """Remove the session directories of sandbox servers that died without stopping."""
+    """Remove the session directories of this user's sandbox servers that died without stopping."""
     for d in root.glob("matrix-hpc-sandbox-*-*"):
         try:
             pid = int(d.name.split("-")[3])
-        except (IndexError, ValueError):
+            ours = d.lstat().st_uid == os.geteuid()
+        except (IndexError, ValueError, OSError):
             continue
-        if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+        if ours and pid != os.getpid() and not Path(f"/proc/{pid}").exists():
             shutil.rmtree(d, ignore_errors=True)
 
 
