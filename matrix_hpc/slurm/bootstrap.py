@@ -13,6 +13,7 @@ Files shared through the run directory (a filesystem every node sees), one folde
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -99,7 +100,10 @@ class RayNode:
         self.proc: subprocess.Popen | None = None
 
     def start(self, *, head_port: int | None = None, head_address: str | None = None) -> None:
-        self.temp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for _ in range(3):  # the user's folder may go between the two mkdirs (another job's last node stopping)
+            with contextlib.suppress(FileNotFoundError):
+                self.temp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                break
         ray = str(Path(sys.executable).with_name("ray"))
         # Ports Ray would otherwise take at fixed defaults, free on this node now: another Ray on the
         # same machine (another user's, or another job's) holds the defaults.
@@ -135,6 +139,8 @@ class RayNode:
                 _signal_group(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the user's folder goes with its last node (not while others use it)
+            self.temp_dir.parent.rmdir()
 
 
 def _ignore_usr2() -> None:
