@@ -50,24 +50,31 @@ def mark(pid: int | None = None) -> str:
 
 
 class _Owner:
-    """The process named by a mark, watched through a pidfd (readable once it has exited)."""
+    """The process named by a mark, watched through a pidfd (readable once it has exited), or through
+    /proc where the kernel has no pidfd (before Linux 5.3)."""
 
     def __init__(self, owner_mark: str):
-        pid_text, ticks, _ = owner_mark.split("-", 2)
+        pid_text, self.ticks, _ = owner_mark.split("-", 2)
         self.pid = int(pid_text)
         self.fd: int | None = None
+        self.gone = False
         try:
-            fd = os.pidfd_open(self.pid)
-        except OSError:  # no such process: it is gone already
+            self.fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
             self.gone = True
             return
-        self.fd, self.gone = fd, _start_ticks(self.pid) != ticks  # a reused pid is not our owner
+        except OSError:  # no pidfd here
+            pass
+        self.gone = _start_ticks(self.pid) != self.ticks  # a reused pid is not our owner
 
     def has_exited(self) -> bool:
-        if not self.gone and self.fd is not None:
+        if self.gone:
+            return True
+        if self.fd is not None:
             self.gone = bool(select.select([self.fd], [], [], 0)[0])
+        else:
+            self.gone = _start_ticks(self.pid) != self.ticks or not _is_running(self.pid)
         return self.gone
-
 
     def close(self) -> None:
         if self.fd is not None:

@@ -186,3 +186,19 @@ def test_owner_gone_tells_a_running_driver_from_an_exited_or_reused_pid():
     assert fate.owner_has_exited(_exited_owner())
     pid, ticks, token = fate.mark().split("-")
     assert fate.owner_has_exited(f"{pid}-{int(ticks) + 1}-{token}")  # same pid, another process
+
+
+def test_owner_gone_without_pidfds_uses_proc(monkeypatch):
+    def no_pidfd(pid, flags=0):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    assert not fate.owner_has_exited(fate.mark())
+    assert fate.owner_has_exited(_exited_owner())
+    zombie = subprocess.Popen(["true"])
+    owner = fate.mark(zombie.pid)
+    end = time.monotonic() + STOP_WITHIN_S
+    while not fate.owner_has_exited(owner) and time.monotonic() < end:  # `true` exits; nobody waits yet
+        time.sleep(0.01)
+    assert fate.owner_has_exited(owner), "a zombie (exited, not yet waited for) counts as gone"
+    zombie.wait()
