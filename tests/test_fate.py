@@ -99,6 +99,7 @@ def _resume(user, run_dir: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("as_user", [False, True], ids=["root-or-self", "unprivileged"])
 @pytest.mark.parametrize("what", ["driver", "process-group"])
 def test_kill_9_of_the_driver_stops_its_whole_run(make_job, user_dir, unprivileged_user, as_user, what):
