@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from matrix_hpc import fate
-from matrix_hpc.services.llm.backends.vllm import _PrivateTemp
+from matrix_hpc.services.llm.backends.vllm_temp import PrivateTemp
 
 
 def _dead_maker() -> str:
@@ -24,7 +24,7 @@ def test_the_private_folder_takes_vllms_temporary_files_and_goes(tmp_path, monke
     monkeypatch.setenv("MATRIX_HPC_RUN_TMP", str(tmp_path))
     monkeypatch.delenv("VLLM_RPC_BASE_PATH", raising=False)
     before = os.environ.get("TMPDIR"), tempfile.gettempdir()
-    private = _PrivateTemp()
+    private = PrivateTemp()
     assert Path(private.path).parent == tmp_path
     assert os.environ["TMPDIR"] == os.environ["VLLM_RPC_BASE_PATH"] == tempfile.gettempdir() == private.path
     shm = Path(f"/dev/shm/mhpc-test-{os.getpid()}")
@@ -49,7 +49,7 @@ def test_a_killed_engines_leftovers_go_at_the_next_start_and_no_others(tmp_path,
     other = tmp_path / "mhpc-vllm-not-ours"
     other.mkdir()
     try:
-        _PrivateTemp().remove()
+        PrivateTemp().remove()
         assert not killed.exists() and not shm.exists()
         assert live.exists() and other.exists()
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])

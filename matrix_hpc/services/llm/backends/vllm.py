@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from matrix_hpc import fate
 from matrix_hpc.services.llm import tools as toolkit
 from matrix_hpc.services.llm.backends.base import Backend, GenRequest, StreamEvent
+from matrix_hpc.services.llm.backends.vllm_temp import PrivateTemp
 from matrix_hpc.services.llm.errors import InvalidArgument, Overloaded, Unavailable
 from matrix_hpc.services.llm.results import ChatResult, Choice, Timing, TokenLogprob, Usage
 from matrix_hpc.services.llm.spec import LLMSpec
@@ -81,72 +79,6 @@ class _EngineStats:
         return lambda vllm_config, engine_index=0: _Logger(vllm_config, engine_index)
 
 
-class _PrivateTemp:
-    """vLLM leaves its IPC sockets (about 7 per engine start) in the temporary folder, and a 160 MiB
-    shared-memory queue in /dev/shm when its engine is stopped: each engine gets a private temporary
-    folder (TMPDIR, VLLM_RPC_BASE_PATH), inside the local run's own (MATRIX_HPC_RUN_TMP) if there is
-    one, removed with the shared memory the engine's processes had mapped when it stops.
-
-    The folder's name holds its maker (``mhpc-vllm-PID-START-``) and the file ``shared-memory`` in it
-    the /dev/shm names: a later start removes what a killed replica of this user left."""
-
-    VARS = ("TMPDIR", "VLLM_RPC_BASE_PATH")
-    PREFIX = "mhpc-vllm-"
-    SHM_LIST = "shared-memory"
-
-    def __init__(self) -> None:
-        base = os.environ.get("MATRIX_HPC_RUN_TMP") or tempfile.gettempdir()
-        _remove_leftovers(base)
-        maker = "-".join(fate.mark().split("-")[:2])
-        self.path = tempfile.mkdtemp(prefix=f"{self.PREFIX}{maker}-", dir=base)
-        self.saved = {k: os.environ.get(k) for k in self.VARS}
-        self.saved_tempdir = tempfile.tempdir
-        os.environ.update(dict.fromkeys(self.VARS, self.path))
-        tempfile.tempdir = self.path
-        self.shared_memory: set[str] = set()
-
-    def note_shared_memory(self) -> None:
-        self.shared_memory = fate.shared_memory_of_tree(os.getpid())
-        with open(os.path.join(self.path, self.SHM_LIST), "w") as f:
-            f.write("".join(f"{name}\n" for name in sorted(self.shared_memory)))
-
-    def remove(self) -> None:
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        tempfile.tempdir = self.saved_tempdir
-        fate.unlink_shared_memory(self.shared_memory)
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
-def _remove_leftovers(base: str) -> None:
-    """Private folders in ``base`` of this user's engines whose process has exited (killed), and the
-    shared memory they recorded."""
-    try:
-        entries = list(os.scandir(base))
-    except OSError:
-        return
-    for entry in entries:
-        parts = entry.name.removeprefix(_PrivateTemp.PREFIX).split("-")
-        if not entry.name.startswith(_PrivateTemp.PREFIX) or len(parts) < 3 or not (parts[0] + parts[1]).isdigit():
-            continue
-        try:
-            if entry.stat(follow_symlinks=False).st_uid != os.geteuid() or not entry.is_dir(follow_symlinks=False):
-                continue
-        except OSError:
-            continue
-        if not fate.owner_has_exited(f"{parts[0]}-{parts[1]}-x"):
-            continue
-        try:
-            with open(os.path.join(entry.path, _PrivateTemp.SHM_LIST)) as f:
-                fate.unlink_shared_memory({line.strip() for line in f if line.strip()})
-        except OSError:
-            pass
-        shutil.rmtree(entry.path, ignore_errors=True)
-
-
 class VLLMBackend(Backend):
     name = "vllm"
 
@@ -158,7 +90,7 @@ class VLLMBackend(Backend):
         self._stats = _EngineStats()
         self._template_knows_tools = False
         self._dead = False
-        self._private_tmp: _PrivateTemp | None = None
+        self._private_tmp: PrivateTemp | None = None
 
     def engine_kwargs(self) -> dict[str, Any]:
         on_cpu = self.spec.gpus_per_replica == 0
@@ -186,7 +118,7 @@ class VLLMBackend(Backend):
             args = AsyncEngineArgs(**self.engine_kwargs())
         except TypeError as e:
             raise ValueError(f"bad engine_args for vLLM: {e}") from e
-        self._private_tmp = _PrivateTemp()
+        self._private_tmp = PrivateTemp()
         try:
             self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[self._stats.logger_factory()])
         except BaseException:
