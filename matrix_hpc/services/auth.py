@@ -57,7 +57,16 @@ def private_folder(path: str | Path) -> Path:
         path.mkdir(mode=0o700, parents=True)
     except FileExistsError:
         pass
-    st = path.lstat()
+    return check_private_folder(path)
+
+
+def check_private_folder(path: str | Path) -> Path:
+    """``path`` if it is a folder (not a link) of ours that no one else can enter; else CredentialError."""
+    path = Path(path)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        raise CredentialError(f"{path}: no such folder") from None
     if not stat.S_ISDIR(st.st_mode):
         raise CredentialError(f"{path}: expected a folder, found {'a link' if stat.S_ISLNK(st.st_mode) else 'a file'}")
     _check_owner_only(path, st, "folder")
@@ -97,6 +106,9 @@ def secret_file(path: str | Path) -> str:
 
 
 def is_loopback(host: str) -> bool:
+    """A loopback address, or a Unix socket (``unix:PATH``): reachable from this machine only."""
+    if host.startswith("unix:"):
+        return True
     host = host.strip("[]")
     if host == "localhost":
         return True
