@@ -40,6 +40,7 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.keepalive_time_ms", 30000),
+    ("grpc.use_local_subchannel_pool", 1),  # a channel's own connection: not stuck in another's backoff
 ]
 
 
@@ -145,16 +146,18 @@ class ReplicaSet:
             r.probing = False
 
     async def _back(self, r: Replica) -> bool:
-        """Whether ``r`` serves again: at its address, or where its (restarted) actor now says."""
-        if await self._serving(r.stub(health_pb2_grpc.HealthStub), 1.0):
-            return True
-        address = await self._lookup_actor(r.actor_name) if r.actor_name else None
-        if not address:
-            return False
+        """Whether ``r`` serves again: at its address, or where its (restarted) actor now says. The
+        address is checked again first (its channel reconnects by itself)."""
         try:
+            check_address(r.address)
+            if await self._serving(r.stub(health_pb2_grpc.HealthStub), 1.0):
+                return True
+            address = await self._lookup_actor(r.actor_name) if r.actor_name else None
+            if not address:
+                return False
             if address != r.address:
                 await r.reconnect(address)
-        except ServiceError as e:  # not an address to trust: probed again later
+        except (auth.CredentialError, ServiceError) as e:  # not an address to trust: probed again later
             log.warning("%s: replica %s: %s", self.name, r.ident, e)
             return False
         return await self._serving(r.stub(health_pb2_grpc.HealthStub), 2.0)
