@@ -83,3 +83,15 @@ def prepare_socket(address: str) -> None:
             path.unlink()
         except FileNotFoundError:
             pass
+
+
+def serve_address(args) -> str:
+    """Where a ``matrix-hpc serve`` command listens: ``unix:PATH`` for ``--socket PATH`` (its folder made
+    owner-only, or checked; CredentialError otherwise), else ``--host``:``--port``."""
+    if args.socket is None:
+        return tcp_address(args.host, args.port)
+    path = Path(args.socket).absolute()
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
+        raise CredentialError(f"{path}: longer than a Unix socket path may be ({SUN_PATH_MAX} bytes)")
+    private_folder(path.parent)
+    return UNIX + str(path)

@@ -19,7 +19,7 @@ import grpc
 from matrix_hpc.llm.v1 import llm_pb2 as pb
 from matrix_hpc.llm.v1 import llm_pb2_grpc as pb_grpc
 from matrix_hpc.services.auth import TLSPair
-from matrix_hpc.services.core.listen import is_unix, tcp_address
+from matrix_hpc.services.core.listen import tcp_address
 from matrix_hpc.services.core.server import GrpcHost, Health, check_listen
 from matrix_hpc.services.llm.backends.base import Backend, GenRequest, StreamEvent
 from matrix_hpc.services.llm.errors import InvalidArgument, Overloaded, RequestError, Unavailable
@@ -373,11 +373,12 @@ class LLMServer:
         await self.backend.close()
 
 
-async def serve(spec: LLMSpec, name: str, *, host: str = "127.0.0.1", port: int = 0, base_dir=None,
-                secret: str | None = None, tls: TLSPair | None = None) -> LLMServer:
+async def serve(spec: LLMSpec, name: str, *, host: str = "127.0.0.1", port: int = 0, address: str | None = None,
+                base_dir=None, secret: str | None = None, tls: TLSPair | None = None) -> LLMServer:
+    """Start the backend and serve it at ``address`` (``host:port`` or ``unix:PATH``; default ``host:port``)."""
     from matrix_hpc.services.llm.backends import make_backend
 
-    address = host if is_unix(host) else tcp_address(host, port)
+    address = address or tcp_address(host, port)
     check_listen(address, secret, f"LLM {name!r}")
     server = LLMServer(make_backend(spec, base_dir=base_dir), spec, name)
     t0 = time.monotonic()
