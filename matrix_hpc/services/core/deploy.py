@@ -140,6 +140,9 @@ def start_replicas(kind: str, name: str, body: type[ServiceReplica], placements:
     local = not on_cluster() and sum(1 for n in ray.nodes() if n.get("Alive")) == 1
     folder, temporary = (socket_folder(socket_dir, f"{kind}-{uid}-{len(placements)}.sock") if local
                          else (None, False))
+    if not local and secret and tls is None:
+        log.warning("%s %r: serving across nodes without TLS (MATRIX_HPC_TLS=0?): the run's secret crosses the "
+                    "network in the clear, and a server in a replica's place cannot be told apart", kind, name)
     names = [f"matrix-hpc/{kind}/{name}/{uid}/{i}" for i in range(len(placements))]
     remote = ray.remote(body)
     actors = []
