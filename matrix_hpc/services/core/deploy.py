@@ -128,11 +128,12 @@ def _root_cause(e: BaseException) -> str:
 
 def start_replicas(kind: str, name: str, body: type[ServiceReplica], placements: list[tuple[dict, tuple]], *,
                    secret: str | None, tls: TLSPair | None, socket_dir: str | Path | None, timeout_s: float,
-                   error: Callable[[str], Exception]) -> Deployed:
+                   error: Callable[[str], Exception], what: str | None = None) -> Deployed:
     """Start one actor of ``body`` per ``(actor options, service arguments)`` in ``placements`` and
     wait until each serves. On one machine they listen on Unix sockets in ``socket_dir`` (owner-only;
     a private temporary folder if it is None or too long); on a cluster on their node's address.
-    Raises ``error(message)`` when one fails to start or does not serve within ``timeout_s``."""
+    Raises ``error(message)`` when one fails to start or does not serve within ``timeout_s``; ``what``
+    names the service in the log (default: ``kind 'name'``)."""
     import ray
 
     uid = uuid.uuid4().hex[:8]
@@ -140,9 +141,10 @@ def start_replicas(kind: str, name: str, body: type[ServiceReplica], placements:
     local = not on_cluster() and sum(1 for n in ray.nodes() if n.get("Alive")) == 1
     folder, temporary = (socket_folder(socket_dir, f"{kind}-{uid}-{len(placements)}.sock") if local
                          else (None, False))
+    what = what or f"{kind} {name!r}"
     if not local and secret and tls is None:
-        log.warning("%s %r: serving across nodes without TLS (MATRIX_HPC_TLS=0?): the run's secret crosses the "
-                    "network in the clear, and a server in a replica's place cannot be told apart", kind, name)
+        log.warning("%s: serving across nodes without TLS (MATRIX_HPC_TLS=0?): the run's secret crosses the "
+                    "network in the clear, and a server in a replica's place cannot be told apart", what)
     names = [f"matrix-hpc/{kind}/{name}/{uid}/{i}" for i in range(len(placements))]
     remote = ray.remote(body)
     actors = []
@@ -166,7 +168,7 @@ def start_replicas(kind: str, name: str, body: type[ServiceReplica], placements:
         if isinstance(e, ray.exceptions.RayError):
             raise error(f"failed to start: {_root_cause(e)}") from None
         raise
-    log.info("%s %r: %d replica(s) serving in %.1fs: %s", kind, name, len(actors), time.monotonic() - t0,
+    log.info("%s: %d replica(s) serving in %.1fs: %s", what, len(actors), time.monotonic() - t0,
              ", ".join(addresses))
     keep_handles(uid, actors)
     return Deployed([ReplicaRef(a, n) for a, n in zip(addresses, names, strict=True)], namespace, uid,

@@ -62,7 +62,7 @@ def deploy(name: str, spec: LLMSpec, *, base_dir: Path | str | None = None, secr
     deployed = start_replicas(
         "llm", name, LLMReplica, [(options, (spec.model_dump(), base))] * spec.replicas,
         secret=secret, tls=tls, socket_dir=socket_dir, timeout_s=spec.start_timeout_s,
-        error=lambda msg: ServiceError(f"LLM {name!r} ({spec.backend}, {spec.model}): {msg}"))
+        error=lambda msg: ServiceError(f"LLM {name!r} ({spec.backend}, {spec.model}): {msg}"), what=f"LLM {name!r}")
     return LLMEndpoint(name=name, spec=spec, replicas=deployed.replicas, namespace=deployed.namespace,
                        uid=deployed.uid, secret=secret, tls_cert=tls.cert if tls else None,
                        socket_dir=deployed.socket_dir)
