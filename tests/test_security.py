@@ -174,10 +174,13 @@ def test_a_local_run_lets_no_one_else_in(tmp_path, unprivileged_user):
             token = (run_dir / "credentials/ray.token").read_text().strip()
             needles = [secret.encode(), token.encode()]
 
-            # Every socket of the run is on loopback, and the run has all the parts we expect.
+            # Every socket of the run is on loopback, and the run has all the parts we expect; its
+            # services listen on no port at all, only on Unix sockets in the owner-only run directory.
             assert {a for a, _, _ in sockets} <= LOOPBACK, sockets
             names = {n for _, _, n in sockets}
-            assert {"gcs_server", "raylet", "ray::LLMReplica", "ray::SandboxRep"} <= names, names
+            assert {"gcs_server", "raylet", "ray::LLMReplica", "ray::SandboxRep"} <= names, names  # Ray's ports
+            assert _health_answers(sockets, ["matrix_hpc.llm.v1.LLM", "matrix_hpc.sandbox.v1.Sandbox"]) == []
+            service_sockets = _unix_listening(pids)
             gcs_port = next(p for _, p, n in sockets if n == "gcs_server")
             ports = sorted({p for _, p, _ in sockets})
 
@@ -191,10 +194,11 @@ def test_a_local_run_lets_no_one_else_in(tmp_path, unprivileged_user):
             assert _contains_any(Path(ray_temp), needles) == []
 
             # The other user tries: Ray without the token, the job API, both services, our files.
-            llm_addr = _service_address("ray::LLMReplica", "matrix_hpc.llm.v1.LLM", sockets)
-            sandbox_addr = _service_address("ray::SandboxRep", "matrix_hpc.sandbox.v1.Sandbox", sockets)
+            llm_sock, sandbox_sock = service_sockets["ray::LLMReplica"], service_sockets["ray::SandboxRep"]
+            assert {llm_sock.parent, sandbox_sock.parent} == {run_dir / "sockets"}
+            llm_addr, sandbox_addr = f"unix:{llm_sock}", f"unix:{sandbox_sock}"
             targets = [f"{run_dir}/", f"{run_dir}/credentials/service.secret", f"{ray_temp}/",
-                       f"/proc/{proc.pid}/environ"]
+                       f"/proc/{proc.pid}/environ", str(llm_sock)]
             probe = unprivileged_user.run([sys.executable, "-c", PROBE, json.dumps(
                 [ports, RAY_METHODS, "", llm_addr, sandbox_addr, targets])], timeout=120)
             assert probe.returncode == 0, probe.stderr
@@ -211,7 +215,7 @@ def test_a_local_run_lets_no_one_else_in(tmp_path, unprivileged_user):
             assert {seen[k] for k in answered} == {"UNAUTHENTICATED"}
             assert [k for k, v in seen.items() if v == "OK"] == []
             assert [k for k, v in seen.items() if k.startswith("job:") and v == 200] == []
-            assert (seen["llm"], seen["sandbox"]) == ("UNAUTHENTICATED", "UNAUTHENTICATED")
+            assert (seen["llm"], seen["sandbox"]) == ("UNAVAILABLE", "UNAVAILABLE")  # cannot even connect
             assert [seen[t] for t in targets] == ["PermissionError"] * len(targets)
 
             (job.parent / "go").touch()
@@ -244,21 +248,33 @@ def test_a_local_run_lets_no_one_else_in(tmp_path, unprivileged_user):
     assert loose == []
 
 
-def _service_address(proc_name: str, service: str, sockets) -> str:
-    """The address of a service replica: of the ports its process listens on (Ray's own and ours), the
-    one whose (open) health service knows ``service``."""
+def _health_answers(sockets, services: list[str]) -> list[int]:
+    """The ports (of the run's processes) whose open health service knows one of ``services``."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    for _, p, n in sockets:
-        if n != proc_name:
-            continue
-        with grpc.insecure_channel(f"127.0.0.1:{p}") as ch:
-            try:
-                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=3)
-                return f"127.0.0.1:{p}"
-            except grpc.RpcError:
-                continue
-    raise AssertionError(f"no {proc_name} service among {sockets}")
+    found = []
+    for _, port, _ in sockets:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            for service in services:
+                try:
+                    health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=3)
+                    found.append(port)
+                except grpc.RpcError:
+                    continue
+    return found
+
+
+def _unix_listening(pids: set[int]) -> dict[str, Path]:
+    """Process name -> the Unix socket (``*.sock``) that process of the run listens on."""
+    out = subprocess.run(["ss", "-lxpH"], capture_output=True, text=True, check=True).stdout
+    found = {}
+    for line in out.splitlines():
+        owners = {int(p): n for n, p in re.findall(r'\("([^"]+)",pid=(\d+)', line)}
+        path = next((f for f in line.split() if f.startswith("/") and f.endswith(".sock")), None)
+        mine = [n for p, n in owners.items() if p in pids]
+        if path and mine:
+            found[mine[0]] = Path(path)
+    return found
 
 
 # ------------------------------------------------------------------------------- run directory

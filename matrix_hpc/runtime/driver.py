@@ -222,7 +222,7 @@ class _Run:
                             if name not in self.given.get(kind, {})}
                      for kind, entries in self.spec.services.items()}
         owned = deploy_all(to_deploy, self.job.dir, on_deploy=deploying, secret=service_secret(self.job.run_dir),
-                           tls=services_tls(self.job.run_dir))
+                           tls=services_tls(self.job.run_dir), socket_dir=self.job.run_dir / "sockets")
         self.endpoints = endpoints = {kind: {**owned.get(kind, {}), **self.given.get(kind, {})}
                                       for kind in {*owned, *self.given}}
         outcome = "interrupted"
@@ -313,7 +313,6 @@ class _Run:
                     last_health = now
                     self.recovery.recover_if_needed()
                     self._watch_agents()
-                    self._heal_services()
                 if self.snapshot_requested.is_set() or now - last_checkpoint >= self.spec.run.checkpoint_interval_s:
                     self.snapshot_requested.clear()
                     self.recovery.checkpoint()
@@ -343,14 +342,6 @@ class _Run:
         if threading.current_thread() is not threading.main_thread():
             return None
         return signal.signal(signal.SIGUSR2, lambda *_: self.snapshot_requested.set())
-
-    def _heal_services(self) -> None:
-        """Services whose replicas need a word to serve again after a restart get it here."""
-        for by_name in self.endpoints.values():
-            for endpoint in by_name.values():
-                heal = getattr(endpoint, "heal", None)
-                if heal is not None:
-                    heal()
 
     def _watch_agents(self) -> None:
         """Keep every agent's counters (so a dead incarnation's still count) and report slow steps."""

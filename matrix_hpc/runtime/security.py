@@ -28,6 +28,7 @@ from pathlib import Path
 
 from matrix_hpc import fate
 from matrix_hpc.services.auth import CredentialError, TLSPair, private_folder, secret_file, tls_pair
+from matrix_hpc.services.core.listen import CLUSTER_ENV
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +92,12 @@ def service_secret(run_dir: str | Path) -> str:
 
 def services_tls(run_dir: str | Path) -> TLSPair | None:
     """The run's certificate and key (``credentials/tls.crt``, ``tls.key``) when its services should
-    speak TLS: on a cluster (``RAY_ADDRESS``), where calls cross the network, or with MATRIX_HPC_TLS=1;
-    MATRIX_HPC_TLS=0 turns it off. A local run stays on loopback, in the clear."""
+    speak TLS: on a cluster (``RAY_ADDRESS``, ``MATRIX_HPC_CLUSTER``), where calls cross the network, or
+    with MATRIX_HPC_TLS=1; MATRIX_HPC_TLS=0 turns it off. A local run's services listen on Unix sockets
+    in the owner-only run directory, without TLS."""
     wanted = os.environ.get("MATRIX_HPC_TLS")
-    if wanted == "0" or (wanted != "1" and not os.environ.get("RAY_ADDRESS")):
+    on_cluster = os.environ.get("RAY_ADDRESS") or os.environ.get(CLUSTER_ENV)
+    if wanted == "0" or (wanted != "1" and not on_cluster):
         return None
     return tls_pair(credentials_dir(run_dir))
 

@@ -17,9 +17,10 @@ Endpoints = dict[str, dict[str, Any]]  # kind -> name -> endpoint
 
 def deploy_all(services: dict[str, dict[str, dict]], base_dir: Path,
                on_deploy: Callable[[str, str], None] | None = None, *, secret: str | None = None,
-               tls: TLSPair | None = None) -> Endpoints:
+               tls: TLSPair | None = None, socket_dir: Path | None = None) -> Endpoints:
     """Start every declared service (Ray actors) requiring ``secret`` on every call (over TLS with
-    ``tls``); stop the ones already started if one fails.
+    ``tls``; on one machine on Unix sockets in the owner-only ``socket_dir``); stop the ones already
+    started if one fails.
 
     ``on_deploy(kind, name)`` is called as each one starts (the driver shows it as a phase)."""
     endpoints: Endpoints = {}
@@ -31,7 +32,7 @@ def deploy_all(services: dict[str, dict[str, dict]], base_dir: Path,
                 if on_deploy:
                     on_deploy(kind, name)
                 endpoints.setdefault(kind, {})[name] = pkg.deploy(name, spec, base_dir=base_dir, secret=secret,
-                                                                  tls=tls)
+                                                                  tls=tls, socket_dir=socket_dir)
     except BaseException:
         shutdown_all(endpoints)
         raise

@@ -57,7 +57,16 @@ def private_folder(path: str | Path) -> Path:
         path.mkdir(mode=0o700, parents=True)
     except FileExistsError:
         pass
-    st = path.lstat()
+    return check_private_folder(path)
+
+
+def check_private_folder(path: str | Path) -> Path:
+    """``path`` if it is a folder (not a link) of ours that no one else can enter; else CredentialError."""
+    path = Path(path)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        raise CredentialError(f"{path}: no such folder") from None
     if not stat.S_ISDIR(st.st_mode):
         raise CredentialError(f"{path}: expected a folder, found {'a link' if stat.S_ISLNK(st.st_mode) else 'a file'}")
     _check_owner_only(path, st, "folder")
@@ -97,6 +106,9 @@ def secret_file(path: str | Path) -> str:
 
 
 def is_loopback(host: str) -> bool:
+    """A loopback address, or a Unix socket (``unix:PATH``): reachable from this machine only."""
+    if host.startswith("unix:"):
+        return True
     host = host.strip("[]")
     if host == "localhost":
         return True
@@ -294,7 +306,11 @@ def bind(server: grpc.aio.Server, address: str, tls: TLSPair | None) -> int:
 # -- `matrix-hpc serve` ---------------------------------------------------------------------------
 
 def add_credential_arguments(parser) -> None:
-    """``--secret-file`` and ``--tls-dir`` of a ``matrix-hpc serve`` command."""
+    """``--secret-file``, ``--tls-dir`` and ``--socket`` of a ``matrix-hpc serve`` command."""
+    parser.add_argument(
+        "--socket", type=Path,
+        help="listen on this Unix socket instead of --host/--port: only this user can connect, and no one "
+        "else can take its place (its folder is made owner-only, or must be). Clients: unix:PATH")
     parser.add_argument(
         "--secret-file", type=Path,
         help="file holding the secret every client must send (created owner-only with a fresh secret if "
@@ -308,12 +324,18 @@ def add_credential_arguments(parser) -> None:
 
 def serve_credentials(args, what: str) -> tuple[str | None, TLSPair | None]:
     """The secret and TLS pair a standalone server uses (from ``add_credential_arguments``); refuses
-    to bind ``args.host`` beyond loopback without a secret. Raises CredentialError with the reason."""
+    to bind ``args.host`` beyond loopback without a secret, and a secret on a TCP port without TLS:
+    whoever takes the port while the server restarts would receive it. Raises CredentialError."""
     if args.secret_file is None:
         check_bind(args.host, None, what)
         secret = None
     else:
         secret = secret_file(args.secret_file)
+        if args.socket is None and args.tls_dir is None:
+            raise CredentialError(
+                f"{what}: refusing to serve --secret-file on a TCP port without --tls-dir: any user of this "
+                "machine can take the port while the server is down, and clients would send them the secret. "
+                "Give --tls-dir DIR (clients trust its certificate alone), or --socket PATH (this machine only)")
     return secret, tls_pair(args.tls_dir) if args.tls_dir else None
 
 

@@ -167,3 +167,32 @@ def test_llm_over_tls_trusts_the_run_certificate_only(tmp_path):
                 asyncio.run(endpoint.client().chat("hello"))
             assert info.value.code == code
     assert pair.key not in repr(pair).encode()
+
+
+@pytest.mark.parametrize("service", [["llm", "--backend", "scripted"], ["sandbox"]], ids=["llm", "sandbox"])
+def test_serve_refuses_a_secret_on_a_tcp_port_without_tls(service, tmp_path):
+    # another user could take the port while the server restarts, and receive the secret from clients
+    done = _serve(*service, "--port", "0", "--secret-file", str(tmp_path / "s.secret"))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "refusing to serve --secret-file on a TCP port without --tls-dir" in done.stderr
+
+
+def test_serve_llm_with_a_secret_on_a_unix_socket(tmp_path):
+    socket_path = tmp_path / "sockets" / "llm.sock"
+    secret_path = tmp_path / "llm.secret"
+    proc = subprocess.Popen([sys.executable, "-m", "matrix_hpc.cli", "serve", "llm", "--backend", "scripted",
+                             "--socket", str(socket_path), "--secret-file", str(secret_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()  # printed once the server is listening
+        assert f"on unix:{socket_path}" in line, line
+        assert os.stat(socket_path.parent).st_mode & 0o777 == 0o700  # made owner-only
+        secret = auth.read_secret_file(secret_path)
+        good = LLMEndpoint.from_addresses([f"unix:{socket_path}"], secret=secret)
+        assert asyncio.run(good.client().chat("over the socket")).text == "over the socket"
+        bad = LLMEndpoint.from_addresses([f"unix:{socket_path}"], spec=LLMSpec(backend="scripted", retries=0))
+        with pytest.raises(ServiceError, match="UNAUTHENTICATED"):
+            asyncio.run(bad.client().chat("without"))
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from matrix_hpc.services.auth import OPEN_SERVER_WARNING, CredentialError, add_credential_arguments, serve_credentials
+from matrix_hpc.services.core.listen import serve_address
 
 _EPILOG = """\
 examples:
@@ -27,9 +28,10 @@ examples:
 
 The server speaks matrix_hpc.llm.v1.LLM (protos/matrix_hpc/llm/v1/llm.proto) and the standard
 grpc.health.v1.Health service. With --secret-file, every call but health checks must carry that
-secret; without one the server only binds loopback. From Python:
+secret, and the server listens on a Unix socket (--socket PATH) or over TLS (--tls-dir DIR);
+without one it only binds loopback. From Python:
   secret = read_secret_file("llm.secret")   # from matrix_hpc.services.auth
-  LLMEndpoint.from_addresses(["127.0.0.1:50051"], secret=secret).client().chat([...])
+  LLMEndpoint.from_addresses(["unix:/home/me/.matrix-hpc/llm.sock"], secret=secret).client().chat([...])
 """
 
 
@@ -116,11 +118,12 @@ def _serve(args) -> int:
         return 2
     try:
         secret, tls = serve_credentials(args, f"LLM {args.name!r}")
+        address = serve_address(args)
     except CredentialError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(_run(spec, args, secret, tls))
+        return asyncio.run(_run(spec, args, address, secret, tls))
     except ServiceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -128,7 +131,7 @@ def _serve(args) -> int:
         return 0
 
 
-async def _run(spec, args, secret: str | None, tls) -> int:
+async def _run(spec, args, address: str, secret: str | None, tls) -> int:
     import logging
 
     from matrix_hpc.services.llm.server import serve
@@ -139,8 +142,7 @@ async def _run(spec, args, secret: str | None, tls) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        server = await serve(spec, args.name, host=args.host, port=args.port, base_dir=args.base_dir,
-                             secret=secret, tls=tls)
+        server = await serve(spec, args.name, address=address, base_dir=args.base_dir, secret=secret, tls=tls)
     except Exception as e:  # noqa: BLE001
         print(f"error: the {spec.backend} backend failed to start: {e}", file=sys.stderr)
         return 1

@@ -1,35 +1,30 @@
-"""The async client agents use: load balancing, affinity, deadlines, retries, health tracking.
+"""The async client agents use: deadlines and retries over the service core's replica set.
 
-One pool of grpc.aio channels per (endpoint, event loop) in a process, shared by every client of
-that endpoint. A call goes to the healthy replica with the fewest outstanding requests, or, with a
-``key`` (the task id), to the replica that rendezvous hashing assigns to the key among the healthy
-ones, so the turns of one task reuse that replica's prefix cache. UNAVAILABLE and
-RESOURCE_EXHAUSTED are retried (another replica first) with exponential backoff inside the call's
-deadline; a replica that fails is dropped, probed with the gRPC health service, and re-added when
-it answers SERVING again (a restarted Ray actor is found again by its name, at its new port).
+The replicas (channels, balancing, affinity by key, health probes, finding a restarted replica)
+are ``matrix_hpc.services.core.replicas``, shared by every client of an endpoint in a process; with
+a ``key`` (the task id) the turns of one task go to one replica and reuse its prefix cache.
+UNAVAILABLE and RESOURCE_EXHAUSTED are retried (another replica first) with exponential backoff
+inside the call's deadline.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import json
-import random
 import time
-import weakref
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from matrix_hpc.llm.v1 import llm_pb2 as pb
 from matrix_hpc.llm.v1 import llm_pb2_grpc as pb_grpc
 from matrix_hpc.retry import retrying
-from matrix_hpc.services import auth
+from matrix_hpc.services.core.replicas import Replica, ReplicaSet, replica_set
 from matrix_hpc.services.llm.errors import InvalidRequest, ServiceError
 from matrix_hpc.services.llm.results import ChatChunk, ChatResult, ToolCall, chunk_from_pb, result_from_pb
 from matrix_hpc.services.llm.spec import LLMSpec
+
+MAX_MESSAGE = 64 * 1024 * 1024
 
 
 class LLMEndpoint(Protocol):
@@ -49,156 +44,12 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 def _transient(e: BaseException) -> bool:
     """A gRPC failure that another replica, or a later try, may not have."""
     return isinstance(e, grpc.aio.AioRpcError) and e.code() in RETRYABLE
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.enable_retries", 0),  # we retry ourselves, across replicas
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-    ("grpc.keepalive_time_ms", 30000),
-]
 # The scalar sampling fields of the contract (``stop`` is a list, handled apart).
 _SAMPLING_KEYS = frozenset(f.name for f in pb.Sampling.DESCRIPTOR.fields if f.name != "stop")
-_PROBE_MIN_S = 0.2
-_PROBE_MAX_S = 5.0
 
 
-class _Replica:
-    def __init__(self, address: str, actor_name: str | None, secret: str | None, tls_cert: bytes | None):
-        self.actor_name = actor_name
-        self.secret = secret
-        self.tls_cert = tls_cert
-        self.outstanding = 0
-        self.healthy = True
-        self.next_probe = 0.0
-        self.probe_interval = _PROBE_MIN_S
-        self.probing = False
-        self.channel: grpc.aio.Channel | None = None
-        self._connect(address)
-
-    def _connect(self, address: str) -> None:
-        self.address = address
-        self.channel = auth.channel(address, self.secret, _CHANNEL_OPTIONS, self.tls_cert)
-        self.stub = pb_grpc.LLMStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    async def reconnect(self, address: str) -> None:
-        old = self.channel
-        self._connect(address)
-        if old is not None:
-            await old.close()
-
-
-class _Pool:
-    def __init__(self, endpoint: LLMEndpoint):
-        self.name = endpoint.name
-        self.namespace = endpoint.namespace
-        self.secret, self.tls_cert = endpoint.secret, endpoint.tls_cert
-        self.replicas = [_Replica(r.address, r.actor_name, endpoint.secret, endpoint.tls_cert)
-                         for r in endpoint.replicas]
-        self._tasks: set[asyncio.Task] = set()
-        self._changed = asyncio.Event()
-
-    # -- health ---------------------------------------------------------------------------------
-    def mark_down(self, r: _Replica) -> None:
-        if r.healthy:
-            r.healthy = False
-            r.probe_interval = _PROBE_MIN_S
-            r.next_probe = time.monotonic() + _PROBE_MIN_S
-
-    def _schedule_probes(self) -> None:
-        now = time.monotonic()
-        for r in self.replicas:
-            if not r.healthy and not r.probing and now >= r.next_probe:
-                r.probing = True
-                t = asyncio.get_running_loop().create_task(self._probe(r))
-                self._tasks.add(t)
-                t.add_done_callback(self._tasks.discard)
-
-    async def _probe(self, r: _Replica) -> None:
-        try:
-            ok = await self._check(r, r.address)
-            if not ok and r.actor_name:
-                addr = await self._lookup_actor(r.actor_name)
-                if addr and addr != r.address and await self._check(None, addr):
-                    await r.reconnect(addr)
-                    ok = True
-            if ok:
-                r.healthy = True
-                self._changed.set()
-            else:
-                r.probe_interval = min(_PROBE_MAX_S, r.probe_interval * 2)
-                r.next_probe = time.monotonic() + r.probe_interval
-        finally:
-            r.probing = False
-
-    async def _check(self, r: _Replica | None, address: str) -> bool:
-        try:
-            if r is not None:
-                resp = await r.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-            else:
-                async with auth.channel(address, self.secret, _CHANNEL_OPTIONS, self.tls_cert) as ch:
-                    resp = await health_pb2_grpc.HealthStub(ch).Check(
-                        health_pb2.HealthCheckRequest(service=""), timeout=2.0
-                    )
-            return resp.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.aio.AioRpcError:
-            return False
-
-    async def _lookup_actor(self, actor_name: str) -> str | None:
-        """The current address of a (possibly restarted) replica actor, if Ray can tell."""
-        try:
-            import ray
-
-            if not ray.is_initialized():
-                return None
-            handle = await asyncio.to_thread(ray.get_actor, actor_name, self.namespace)
-            return await asyncio.wait_for(asyncio.wrap_future(handle.address.remote().future()), timeout=3.0)
-        except Exception:  # noqa: BLE001 - dead for good, restarting, or no Ray here: probe again later
-            return None
-
-    # -- choice ---------------------------------------------------------------------------------
-    def pick(self, key: str | None, avoid: set[str]) -> _Replica | None:
-        self._schedule_probes()
-        healthy = [r for r in self.replicas if r.healthy]
-        candidates = [r for r in healthy if r.address not in avoid] or healthy
-        if not candidates:
-            return None
-        if key is not None:
-            return max(candidates, key=lambda r: _score(key, r.actor_name or r.address))
-        least = min(r.outstanding for r in candidates)
-        return random.choice([r for r in candidates if r.outstanding == least])
-
-    async def acquire(self, key: str | None, avoid: set[str], deadline: float) -> _Replica | None:
-        while True:
-            r = self.pick(key, avoid)
-            if r is not None:
-                return r
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            self._changed.clear()
-            try:  # wake up when a probe brings a replica back, or to schedule the next probes
-                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, _PROBE_MIN_S))
-            except TimeoutError:
-                pass
-
-
-def _score(key: str, replica_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{key}|{replica_id}".encode(), digest_size=8).digest(), "big")
-
-
-_POOLS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Pool]] = weakref.WeakKeyDictionary()
-
-
-def _pool_for(endpoint: LLMEndpoint) -> _Pool:
-    loop = asyncio.get_running_loop()
-    pools = _POOLS.setdefault(loop, {})
-    pool = pools.get(endpoint.uid)
-    if pool is None:
-        pool = pools[endpoint.uid] = _Pool(endpoint)
-    return pool
+def _pool_for(endpoint: LLMEndpoint) -> ReplicaSet:
+    return replica_set(endpoint, MAX_MESSAGE)
 
 
 # ------------------------------------------------------------------------- request building
@@ -368,7 +219,7 @@ class LLMClient:
                     r.outstanding += 1
                     call = None
                     try:
-                        call = r.stub.ChatStream(req, timeout=max(0.001, deadline - time.monotonic()))
+                        call = r.stub(pb_grpc.LLMStub).ChatStream(req, timeout=max(0.001, deadline - time.monotonic()))
                         async for chunk in call:
                             started = True
                             yield chunk_from_pb(chunk)
@@ -388,11 +239,11 @@ class LLMClient:
         from google.protobuf.json_format import MessageToDict
 
         pool = _pool_for(self.endpoint)
-        pool._schedule_probes()
+        pool.schedule_probes()
         out = []
         for r in pool.replicas:
             if r.healthy:
-                resp = await r.stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout)
+                resp = await r.stub(pb_grpc.LLMStub).ModelInfo(pb.ModelInfoRequest(), timeout=timeout)
                 info = MessageToDict(resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
                 info["stats"] = {k: int(v) for k, v in info.get("stats", {}).items()}  # uint64 -> int
                 out.append(info)
@@ -431,21 +282,20 @@ class LLMClient:
         return retrying(attempts=self.retries + 1, base_s=0.05, cap_s=2.0, deadline=deadline,
                         retry_on=_transient, what=f"LLM {self.endpoint.name!r} {method}")
 
-    async def _acquire(self, pool: _Pool, avoid: set[str], deadline: float) -> _Replica:
+    async def _acquire(self, pool: ReplicaSet, avoid: set[str], deadline: float) -> Replica:
         r = await pool.acquire(self.key, avoid, deadline)
         if r is None:
             raise ServiceError(f"LLM {self.endpoint.name!r}: no healthy replica within the deadline", "UNAVAILABLE")
         return r
 
-    def _failed(self, pool: _Pool, r: _Replica, e: grpc.aio.AioRpcError, avoid: set[str],
+    def _failed(self, pool: ReplicaSet, r: Replica, e: grpc.aio.AioRpcError, avoid: set[str],
                 retryable: bool = True) -> None:
         """After a failed call: a retryable failure moves on to another replica (marked down if
         unreachable); any other failure becomes the call's ServiceError."""
         if not retryable or e.code() not in RETRYABLE:
             raise _error(e, self.endpoint.name, r.address) from None
         avoid.add(r.address)
-        if e.code() == grpc.StatusCode.UNAVAILABLE:
-            pool.mark_down(r)
+        pool.failed(r, e.code())
 
     def _gave_up(self, last: grpc.aio.AioRpcError) -> ServiceError:
         return ServiceError(
@@ -464,7 +314,8 @@ class LLMClient:
                     r = await self._acquire(pool, avoid, deadline)
                     r.outstanding += 1
                     try:
-                        return await getattr(r.stub, method)(req, timeout=max(0.001, deadline - time.monotonic()))
+                        call = getattr(r.stub(pb_grpc.LLMStub), method)
+                        return await call(req, timeout=max(0.001, deadline - time.monotonic()))
                     except grpc.aio.AioRpcError as e:
                         self._failed(pool, r, e, avoid)
                         raise

@@ -4,20 +4,9 @@ from __future__ import annotations
 
 import grpc
 
+from matrix_hpc.services.core.errors import ServiceError
 
-class ServiceError(Exception):
-    """The LLM service failed: deployment did not come up, or a call failed for good.
-
-    ``code`` is the gRPC status code name (``"INVALID_ARGUMENT"``, ``"UNAVAILABLE"`` ...) when the
-    error came from a call, else ``None``.
-    """
-
-    def __init__(self, message: str, code: str | None = None):
-        super().__init__(message)
-        self.code = code
-
-    def __reduce__(self):  # keep `code` through pickling (Ray moves exceptions between processes)
-        return (type(self), (str(self), self.code))
+__all__ = ["InvalidArgument", "InvalidRequest", "Overloaded", "RequestError", "ServiceError", "Unavailable"]
 
 
 class InvalidRequest(ServiceError):

@@ -15,11 +15,12 @@ import uuid
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from matrix_hpc.llm.v1 import llm_pb2 as pb
 from matrix_hpc.llm.v1 import llm_pb2_grpc as pb_grpc
-from matrix_hpc.services.auth import TLSPair, bind, check_bind, server_interceptors
+from matrix_hpc.services.auth import TLSPair
+from matrix_hpc.services.core.listen import tcp_address
+from matrix_hpc.services.core.server import GrpcHost, Health, check_listen
 from matrix_hpc.services.llm.backends.base import Backend, GenRequest, StreamEvent
 from matrix_hpc.services.llm.errors import InvalidArgument, Overloaded, RequestError, Unavailable
 from matrix_hpc.services.llm.results import (
@@ -145,7 +146,7 @@ def tools_from_pb(tools) -> list[dict[str, Any]]:
 
 
 class LLMServicer(pb_grpc.LLMServicer):
-    def __init__(self, backend: Backend, spec: LLMSpec, name: str, health_servicer: health.HealthServicer):
+    def __init__(self, backend: Backend, spec: LLMSpec, name: str, health_servicer: Health):
         self.backend = backend
         self.spec = spec
         self.name = name
@@ -209,8 +210,7 @@ class LLMServicer(pb_grpc.LLMServicer):
         if self._healthy:
             log.error("LLM replica %s of %r is unhealthy: reporting NOT_SERVING", self.address, self.name)
         self._healthy = False
-        for svc in ("", SERVICE_NAME):
-            self.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.health.set(False)
 
     async def _fail(self, context: grpc.aio.ServicerContext, e: BaseException) -> None:
         if isinstance(e, Unavailable):
@@ -322,40 +322,29 @@ class LLMServer:
         self.backend = backend
         self.spec = spec
         self.name = name
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.host: GrpcHost | None = None
+        self.health = Health(SERVICE_NAME)
         self.servicer = LLMServicer(backend, spec, name, self.health)
-        self.server: grpc.aio.Server | None = None
         self.address = ""
         self._watch: asyncio.Task | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0, *, secret: str | None = None,
                     tls: TLSPair | None = None) -> str:
-        """Start the backend, then serve; returns ``host:port``. Health is SERVING once this returns.
-        With ``secret``, every call but health checks must carry it; with ``tls``, over TLS (see
-        ``matrix_hpc.services.auth``)."""
-        check_bind(host, secret, f"LLM {self.name!r}")
-        for svc in ("", SERVICE_NAME):
-            self.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+        """Start the backend, then serve on ``host:port``; returns ``host:port``."""
+        return await self.serve_at(tcp_address(host, port), secret=secret, tls=tls)
+
+    async def serve_at(self, address: str, *, secret: str | None = None, tls: TLSPair | None = None) -> str:
+        """Start the backend, then serve at ``address`` (``host:port`` or ``unix:PATH``); returns the bound
+        address. Health is SERVING once this returns. With ``secret``, every call but health checks must
+        carry it; with ``tls``, over TLS (see ``matrix_hpc.services.auth``)."""
+        what = f"LLM {self.name!r}"
+        check_listen(address, secret, what)
         await self.backend.start()
-        self.server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                ("grpc.so_reuseport", 0),
-            ],
-            maximum_concurrent_rpcs=None,
-            interceptors=server_interceptors(secret, f"LLM {self.name!r}"),
-        )
-        pb_grpc.add_LLMServicer_to_server(self.servicer, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        bound = bind(self.server, f"{host}:{port}", tls)
-        if bound == 0:
-            raise RuntimeError(f"could not bind {host}:{port}")
-        await self.server.start()
-        self.address = f"{host}:{bound}"
+        self.host = GrpcHost(what, SERVICE_NAME, lambda srv: pb_grpc.add_LLMServicer_to_server(self.servicer, srv),
+                             secret=secret, tls=tls, health=self.health)
+        self.address = await self.host.listen(address)
         self.servicer.address = self.address
-        for svc in ("", SERVICE_NAME):
-            self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        self.health.set(True)
         self._watch = asyncio.get_running_loop().create_task(self._watch_engine())
         return self.address
 
@@ -376,21 +365,23 @@ class LLMServer:
         benchmark phases that send identical prompts. True if the cache was dropped."""
         return await self.backend.reset_prefix_cache()
 
-    async def stop(self, grace: float = 2.0) -> None:
+    async def stop(self, grace: float = 1.0) -> None:
         if self._watch is not None:
             self._watch.cancel()
-        if self.server is not None:
-            await self.server.stop(grace)
+        if self.host is not None:
+            await self.host.stop(grace)
         await self.backend.close()
 
 
-async def serve(spec: LLMSpec, name: str, *, host: str = "127.0.0.1", port: int = 0, base_dir=None,
-                secret: str | None = None, tls: TLSPair | None = None) -> LLMServer:
+async def serve(spec: LLMSpec, name: str, *, host: str = "127.0.0.1", port: int = 0, address: str | None = None,
+                base_dir=None, secret: str | None = None, tls: TLSPair | None = None) -> LLMServer:
+    """Start the backend and serve it at ``address`` (``host:port`` or ``unix:PATH``; default ``host:port``)."""
     from matrix_hpc.services.llm.backends import make_backend
 
-    check_bind(host, secret, f"LLM {name!r}")
+    address = address or tcp_address(host, port)
+    check_listen(address, secret, f"LLM {name!r}")
     server = LLMServer(make_backend(spec, base_dir=base_dir), spec, name)
     t0 = time.monotonic()
-    await server.start(host, port, secret=secret, tls=tls)
+    await server.serve_at(address, secret=secret, tls=tls)
     log.info("LLM %r (%s) serving on %s after %.1fs", name, spec.backend, server.address, time.monotonic() - t0)
     return server

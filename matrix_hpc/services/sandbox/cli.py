@@ -9,6 +9,7 @@ import signal
 import sys
 
 from matrix_hpc.services.auth import OPEN_SERVER_WARNING, CredentialError, add_credential_arguments, serve_credentials
+from matrix_hpc.services.core.listen import serve_address
 
 
 def register_serve(sub) -> None:
@@ -19,7 +20,8 @@ def register_serve(sub) -> None:
         "gRPC health service. Commands run locked down: no network unless --network, a fresh /work, "
         "wall-clock, CPU, memory, process, output and file-size limits, no process left behind. "
         "Every call but health checks must carry the secret of --secret-file. "
-        "Example: matrix-hpc serve sandbox --port 50071 --image python --secret-file ~/.matrix-hpc/sandbox.secret",
+        "Example: matrix-hpc serve sandbox --socket ~/.matrix-hpc/sandbox.sock --image python "
+        "--secret-file ~/.matrix-hpc/sandbox.secret",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (beyond loopback: needs --secret-file)")
@@ -60,6 +62,7 @@ def _serve(args) -> int:
 
     try:
         secret, tls = serve_credentials(args, "sandbox")
+        address = serve_address(args)
     except CredentialError as e:
         print(f"matrix-hpc serve sandbox: {e}", file=sys.stderr)
         return 2
@@ -67,11 +70,11 @@ def _serve(args) -> int:
     async def main() -> int:
         try:
             server = SandboxServer(spec)
-            port = await server.start(args.host, args.port, secret=secret, tls=tls)
-        except ServiceError as e:
+            bound = await server.serve_at(address, secret=secret, tls=tls)
+        except (ServiceError, RuntimeError) as e:
             print(f"matrix-hpc serve sandbox: {e}", file=sys.stderr)
             return 1
-        print(f"sandbox service ({spec.runtime}, image {spec.image}) on {args.host}:{port}", flush=True)
+        print(f"sandbox service ({spec.runtime}, image {spec.image}) on {bound}", flush=True)
         if secret is None:
             print(OPEN_SERVER_WARNING, file=sys.stderr, flush=True)
         stop = asyncio.Event()

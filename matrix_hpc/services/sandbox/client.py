@@ -1,17 +1,14 @@
 """Async client of the sandbox service, for agents (``ctx.sandbox(name)``).
 
-Cheap to create per step: gRPC channels are shared per process and event loop. One-shot runs are
-balanced round-robin over the replicas; a replica that answers RESOURCE_EXHAUSTED (full) or
+Cheap to create per step: the replicas (channels, load, health, finding a restarted replica) are
+the service core's replica set, shared per process and event loop. A one-shot run goes to the
+replica with the fewest calls outstanding; one that answers RESOURCE_EXHAUSTED (full) or
 UNAVAILABLE is skipped for the next, with a bounded number of rounds and backoff. A session stays
 on the replica that opened it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import random
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -20,7 +17,8 @@ import grpc
 from matrix_hpc.retry import retrying
 from matrix_hpc.sandbox.v1 import sandbox_pb2 as pb
 from matrix_hpc.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
-from matrix_hpc.services import auth
+from matrix_hpc.services.core.endpoint import ReplicaRef, ServiceEndpoint, addresses_uid
+from matrix_hpc.services.core.replicas import Replica, ReplicaSet, replica_set
 
 from .wire import MAX_MESSAGE, ServiceError
 
@@ -29,20 +27,21 @@ _LIMIT_NAMES = {v: k for k, v in {
     "wall_time": pb.LIMIT_WALL_TIME, "file_size": pb.LIMIT_FILE_SIZE, "disk": pb.LIMIT_DISK,
     "output": pb.LIMIT_OUTPUT}.items()}
 _RETRYABLE = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
-# Channels are bound to an event loop: one table per loop, dropped with it.
-_channels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_counters: dict[tuple[str, ...], itertools.count] = {}
 
 
-def _stub(address: str, secret: str | None, tls_cert: bytes | None = None) -> pb_grpc.SandboxStub:
-    table = _channels.setdefault(asyncio.get_running_loop(), {})
-    ch = table.get((address, secret, tls_cert))
-    if ch is None:
-        ch = auth.channel(address, secret, [
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE)], tls_cert)
-        table[(address, secret, tls_cert)] = ch
-    return pb_grpc.SandboxStub(ch)
+def _endpoint(addresses: list[str] | ServiceEndpoint, name: str, secret: str | None,
+              tls_cert: bytes | None) -> ServiceEndpoint:
+    """The endpoint itself, or one for servers known by address only (``matrix-hpc serve sandbox``)."""
+    if isinstance(addresses, ServiceEndpoint):
+        return addresses
+    if not addresses:
+        raise ServiceError(f"sandbox service {name!r} has no replicas")
+    return ServiceEndpoint(name, [ReplicaRef(a) for a in addresses], secret=secret, tls_cert=tls_cert,
+                           uid=addresses_uid(list(addresses), secret, tls_cert))
+
+
+def _replicas(endpoint: ServiceEndpoint) -> ReplicaSet:
+    return replica_set(endpoint, MAX_MESSAGE)
 
 
 @dataclass
@@ -108,6 +107,8 @@ def _limits(limits: Mapping | None) -> pb.Limits | None:
 
 def _transient(e: BaseException) -> bool:
     """A replica full or down: another one (or the same, a little later) may take the call."""
+    if isinstance(e, ServiceError):
+        return e.code == "UNAVAILABLE"
     return isinstance(e, grpc.aio.AioRpcError) and e.code() in _RETRYABLE
 
 
@@ -118,23 +119,19 @@ def _error(e: grpc.aio.AioRpcError, what: str, address: str) -> ServiceError:
 class SandboxClient:
     """``run`` one-shot commands and ``open_session`` for multi-step work; sessions belong to ``key``."""
 
-    def __init__(self, addresses: list[str], *, key: str | None = None, name: str = "sandbox",
+    def __init__(self, addresses: list[str] | ServiceEndpoint, *, key: str | None = None, name: str = "sandbox",
                  default_wall_s: float = 30.0, margin_s: float = 60.0, max_rounds: int = 4,
                  secret: str | None = None, tls_cert: bytes | None = None) -> None:
-        if not addresses:
-            raise ServiceError(f"sandbox service {name!r} has no replicas")
-        self.addresses = list(addresses)
+        self.endpoint = _endpoint(addresses, name, secret, tls_cert)
         self.key = key or ""
         self.name = name
         self.default_wall_s = default_wall_s
         self.margin_s = margin_s
         self.max_rounds = max_rounds
-        self.secret = secret
-        self.tls_cert = tls_cert
-        k = tuple(self.addresses)
-        if k not in _counters:
-            _counters[k] = itertools.count(random.randrange(len(self.addresses)))
-        self._rr = _counters[k]
+
+    @property
+    def addresses(self) -> list[str]:
+        return self.endpoint.addresses
 
     def _deadline(self, limits: Mapping | None, timeout: float | None) -> float:
         if timeout is not None:
@@ -142,18 +139,31 @@ class SandboxClient:
         wall = (limits or {}).get("wall_time_s") or self.default_wall_s
         return wall + self.margin_s
 
-    async def _balanced(self, method: str, request, timeout: float):
+    async def _balanced(self, method: str, request, timeout: float) -> tuple[Replica, object]:
         """Call ``method`` on one replica, moving to the next when one is full or down; after a
         whole round of refusals, back off and go round again (``max_rounds`` rounds at most)."""
-        n = len(self.addresses)
+        replicas = _replicas(self.endpoint)
+        n = len(replicas.replicas)
+        avoid: set[str] = set()
         addr = ""
         try:
             async for attempt in retrying(attempts=self.max_rounds * n, every=n, base_s=0.1, cap_s=1.0,
                                           retry_on=_transient, what=f"sandbox {self.name!r} {method}"):
                 with attempt:
-                    addr = self.addresses[next(self._rr) % n]
-                    stub = _stub(addr, self.secret, self.tls_cert)
-                    return addr, await getattr(stub, method)(request, timeout=timeout)
+                    r = replicas.pick(None, avoid)
+                    if r is None:
+                        raise ServiceError(f"sandbox {self.name!r} {method}: no replica is reachable now",
+                                           "UNAVAILABLE")
+                    addr = r.address
+                    r.outstanding += 1
+                    try:
+                        return r, await getattr(r.stub(pb_grpc.SandboxStub), method)(request, timeout=timeout)
+                    except grpc.aio.AioRpcError as e:
+                        avoid.add(addr)
+                        replicas.failed(r, e.code())
+                        raise
+                    finally:
+                        r.outstanding -= 1
         except grpc.aio.AioRpcError as e:
             raise _error(e, method, addr) from e
 
@@ -173,26 +183,27 @@ class SandboxClient:
         """A sandbox whose /work persists across ``exec`` calls until ``close`` (or release, or TTL)."""
         req = pb.OpenSessionRequest(owner=self.key, image=image, files=_files(files), env=dict(env or {}),
                                     limits=_limits(limits), ttl_s=ttl_s or 0)
-        addr, resp = await self._balanced("OpenSession", req, self.margin_s)
-        return Session(self, addr, resp.session_id, self._deadline(limits, None))
+        replica, resp = await self._balanced("OpenSession", req, self.margin_s)
+        return Session(self, replica, resp.session_id, self._deadline(limits, None))
 
     async def stats(self) -> list[pb.StatsResponse]:
-        return [await _stub(a, self.secret, self.tls_cert).Stats(pb.StatsRequest(), timeout=10) for a in self.addresses]
+        return [await r.stub(pb_grpc.SandboxStub).Stats(pb.StatsRequest(), timeout=10)
+                for r in _replicas(self.endpoint).replicas]
 
 
 class Session:
     """An open sandbox session on one replica. Use as ``async with``, or call ``close()``."""
 
-    def __init__(self, client: SandboxClient, address: str, session_id: str, deadline_s: float) -> None:
+    def __init__(self, client: SandboxClient, replica: Replica, session_id: str, deadline_s: float) -> None:
         self.client = client
-        self.address = address
+        self.replica = replica
+        self.address = replica.address
         self.id = session_id
         self._deadline_s = deadline_s
 
     async def _call(self, method: str, request, timeout: float):
         try:
-            stub = _stub(self.address, self.client.secret, self.client.tls_cert)
-            return await getattr(stub, method)(request, timeout=timeout)
+            return await getattr(self.replica.stub(pb_grpc.SandboxStub), method)(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
             raise _error(e, method, self.address) from e
 
@@ -232,7 +243,7 @@ class Session:
             pass
 
 
-async def release(addresses: list[str], owners: list[str], timeout: float = 30.0,
+async def release(addresses: list[str] | ServiceEndpoint, owners: list[str], timeout: float = 30.0,
                   secret: str | None = None, tls_cert: bytes | None = None) -> int:
     """Close every session of these owners on every replica; returns how many were closed."""
     if not owners:
@@ -240,11 +251,12 @@ async def release(addresses: list[str], owners: list[str], timeout: float = 30.0
     req = pb.ReleaseOwnersRequest(owners=list(owners))
     total = 0
     errors = []
-    for addr in addresses:
+    replicas = _replicas(_endpoint(addresses, "sandbox", secret, tls_cert)).replicas
+    for r in replicas:
         try:
-            total += (await _stub(addr, secret, tls_cert).ReleaseOwners(req, timeout=timeout)).sessions_closed
+            total += (await r.stub(pb_grpc.SandboxStub).ReleaseOwners(req, timeout=timeout)).sessions_closed
         except grpc.aio.AioRpcError as e:
-            errors.append(_error(e, "ReleaseOwners", addr))
-    if errors and len(errors) == len(addresses):
+            errors.append(_error(e, "ReleaseOwners", r.address))
+    if errors and len(errors) == len(replicas):
         raise errors[0]
     return total

@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from matrix_hpc.sandbox.v1 import sandbox_pb2 as pb
 from matrix_hpc.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
-from matrix_hpc.services.auth import TLSPair, bind, check_bind, server_interceptors
+from matrix_hpc.services.auth import TLSPair
+from matrix_hpc.services.core.listen import tcp_address
+from matrix_hpc.services.core.server import GrpcHost
 
 from . import files as fsops
 from .executor import Executor, Handle, Outcome
@@ -108,39 +109,39 @@ class SandboxServer(pb_grpc.SandboxServicer):
         self.rejected_total = 0
         self.reaped_total = 0
         self._sem: asyncio.Semaphore | None = None
-        self._server: grpc.aio.Server | None = None
+        self._host: GrpcHost | None = None
         self._reaper: asyncio.Task | None = None
-        self._health: health.aio.HealthServicer | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self, host: str = "127.0.0.1", port: int = 0, *, secret: str | None = None,
                     tls: TLSPair | None = None) -> int:
-        """Serve on ``host:port`` (0: a free port); with ``secret``, every call but health checks must
-        carry it; with ``tls``, over TLS (see ``matrix_hpc.services.auth``). Returns the bound port."""
-        check_bind(host, secret, "sandbox")
+        """Serve on ``host:port`` (0: a free port); returns the bound port. See ``serve_at``."""
+        await self.serve_at(tcp_address(host, port), secret=secret, tls=tls)
+        return self._host.port
+
+    async def serve_at(self, address: str, *, secret: str | None = None, tls: TLSPair | None = None) -> str:
+        """Serve at ``address`` (``host:port`` or ``unix:PATH``); with ``secret``, every call but health
+        checks must carry it; with ``tls``, over TLS (see ``matrix_hpc.services.auth``). Returns the
+        bound address."""
         self._sem = asyncio.Semaphore(self.max_concurrent)
-        opts = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
-                ("grpc.so_reuseport", 0)]
-        self._server = grpc.aio.server(options=opts, interceptors=server_interceptors(secret, "sandbox"))
-        pb_grpc.add_SandboxServicer_to_server(self, self._server)
-        self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        bound = bind(self._server, f"{host}:{port}", tls)
-        if bound == 0:
-            raise ServiceError(f"could not bind the sandbox server to {host}:{port}")
-        await self._server.start()
-        for svc in ("", SERVICE_NAME):
-            await self._health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        self._host = GrpcHost("sandbox", SERVICE_NAME, lambda srv: pb_grpc.add_SandboxServicer_to_server(self, srv),
+                              max_message=MAX_MESSAGE, secret=secret, tls=tls)
+        bound = await self._host.listen(address)
+        self._host.health.set(True)
         self._wake = asyncio.Event()
         self._reap_every = 5.0
         self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
-        log.info("sandbox server (%s, %s) on %s:%d", self.runtime.name, self.executor.isolation, host, bound)
+        log.info("sandbox server (%s, %s) on %s", self.runtime.name, self.executor.isolation, bound)
         return bound
 
+    @property
+    def healthy(self) -> bool:
+        return True  # a sandbox that cannot start fails its call, not the server
+
     async def stop(self, grace: float = 1.0) -> None:
-        if self._health is not None:
-            await self._health.enter_graceful_shutdown()
+        if self._host is not None:
+            self._host.health.shutting_down()
         if self._reaper is not None:
             self._reaper.cancel()
         for handles in list(self.runs.values()):
@@ -148,14 +149,14 @@ class SandboxServer(pb_grpc.SandboxServicer):
                 h.kill()
         for s in list(self.sessions.values()):
             await self._close(s)
-        if self._server is not None:
-            await self._server.stop(grace)
+        if self._host is not None:
+            await self._host.stop(grace)
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.executor.close()
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
     async def wait(self) -> None:
-        await self._server.wait_for_termination()
+        await self._host.wait()
 
     # -- admission ----------------------------------------------------------------------------
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+import stat
 import subprocess
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 
@@ -31,7 +33,10 @@ def test_deploy_run_release_shutdown(ray_local, tmp_path):
     spec = SandboxSpec(runtime="bwrap", image="python", session_ttl_s=60)
     ep = deploy("py", spec, base_dir=tmp_path)
     try:
-        assert isinstance(ep, SandboxEndpoint) and ep.addresses[0].startswith("127.0.0.1:")
+        # one machine: a Unix socket in a folder only this user can enter
+        assert isinstance(ep, SandboxEndpoint) and ep.addresses[0].startswith("unix:")
+        folder = Path(ep.addresses[0][len("unix:"):]).parent
+        assert folder.stat().st_uid == os.geteuid() and stat.S_IMODE(folder.stat().st_mode) == 0o700
         ep2 = pickle.loads(pickle.dumps(ep))
 
         @ray.remote(num_cpus=0)

@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
+from matrix_hpc.services.core.errors import ServiceError
+
+__all__ = ["MAX_MESSAGE", "ServiceError"]
+
 MAX_MESSAGE = 256 * 1024 * 1024  # bytes, either way (files put into or taken out of a session)
-
-
-class ServiceError(RuntimeError):
-    """The sandbox service failed (could not start, unreachable, full, or refused a request).
-
-    ``code`` is the gRPC status code name when the failure came from a call (e.g. "NOT_FOUND").
-    """
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
