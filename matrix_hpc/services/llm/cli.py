@@ -46,7 +46,7 @@ def register_serve(sub) -> None:
     )
     p.add_argument("--spec", type=Path, help="YAML or JSON file with one LLMSpec (the job's services.llm entry)")
     p.add_argument("--name", default="llm", help="service name reported by ModelInfo (default: llm)")
-    p.add_argument("--backend", choices=["vllm", "openai", "scripted"], help="default: vllm")
+    p.add_argument("--backend", choices=["vllm", "openai", "scripted", "sim"], help="default: vllm")
     p.add_argument(
         "--model",
         help="vllm: 'smollm2-135m' (embedded) or a Hugging Face model folder; openai: the upstream model name",

@@ -54,10 +54,54 @@ class ScriptedSpec(_Strict):
     seed: int = 0
 
 
+class OutputTokens(_Strict):
+    """How many tokens a simulated reply has (before ``max_tokens`` caps it)."""
+
+    dist: Literal["fixed", "uniform", "lognormal"] = "lognormal"
+    mean: float = Field(128, ge=1)
+    sigma: float = Field(0.8, ge=0)
+    """lognormal shape: 0.8 puts the 99th percentile at about 5x the median (a long tail)."""
+
+    def draw(self, rng) -> int:
+        if self.dist == "fixed":
+            return round(self.mean)
+        if self.dist == "uniform":
+            return max(1, round(rng.uniform(1, 2 * self.mean - 1)))
+        import math
+
+        return max(1, round(rng.lognormvariate(math.log(self.mean) - self.sigma**2 / 2, self.sigma)))
+
+
+class SimSpec(_Strict):
+    """The ``sim`` backend: a simulated engine (continuous batching + a per-step cost model).
+
+    The defaults model Llama-3.1-8B in bfloat16 on one H100 SXM, from published figures
+    (benchmarks/README.md cites them): a decode step reads the 16 GB of weights at 3.35 TB/s (about
+    5 ms, 6 ms with overheads), a prompt token costs 2 x 8e9 FLOP at ~50% of 989 TFLOP/s (~32 us),
+    a decoding sequence ~32 us of compute at large batch, and attending to one context token reads
+    its 128 KiB of KV cache (~0.04 us).
+    """
+
+    step_s: float = Field(0.006, ge=0)
+    prefill_token_s: float = Field(32e-6, ge=0)
+    decode_seq_s: float = Field(32e-6, ge=0)
+    kv_token_s: float = Field(0.04e-6, ge=0)
+    max_num_seqs: int = Field(256, ge=1)
+    kv_cache_tokens: int = Field(400_000, ge=16)
+    """~50 GiB of KV cache at 128 KiB per token (80 GiB H100 less 16 GB of weights and overheads)."""
+    max_model_len: int = Field(8192, ge=16)
+    output_tokens: OutputTokens = Field(default_factory=OutputTokens)
+    tool_call_p: float = Field(0.5, ge=0, le=1)
+    """With tools and tool_choice 'auto', the share of replies that are a tool call."""
+    time_scale: float = Field(1.0, gt=0)
+    """Wall seconds per modelled second: 0.1 runs ten times faster than the modelled GPU."""
+    seed: int = 0
+
+
 class LLMSpec(_Strict):
     """One LLM service of a job (``services.llm.<name>``)."""
 
-    backend: Literal["vllm", "openai", "scripted"] = "vllm"
+    backend: Literal["vllm", "openai", "scripted", "sim"] = "vllm"
     model: str = "smollm2-135m"
     """``smollm2-135m`` (no slash): the embedded model under the cache; otherwise a path (relative
     to the job folder) for ``vllm``, or the upstream's model name for ``openai``."""
@@ -82,6 +126,8 @@ class LLMSpec(_Strict):
     api_key_env: str | None = None
     """``openai``: name of the environment variable that holds the API key (never the key)."""
     scripted: ScriptedSpec = Field(default_factory=ScriptedSpec)
+    sim: SimSpec = Field(default_factory=SimSpec)
+    """``sim``: the simulated engine's cost model and reply lengths (a simulation, not a model)."""
     timeout_s: float = Field(600.0, gt=0)
     """Client deadline per call (all retries included)."""
     retries: int = Field(4, ge=0)

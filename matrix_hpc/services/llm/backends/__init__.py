@@ -1,5 +1,6 @@
 """Backends of the LLM service: ``vllm`` (in-process engine), ``openai`` (HTTP upstream) and
-``scripted`` (a deterministic stand-in for tests and benchmarks only)."""
+``scripted`` (a deterministic stand-in for tests and benchmarks only) and ``sim`` (a simulated
+engine with a cost model, for measuring the runtime at scale; not a model)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ def make_backend(spec: LLMSpec, *, base_dir: Path | str | None = None) -> Backen
         from matrix_hpc.services.llm.backends.openai import OpenAIBackend
 
         return OpenAIBackend(spec)
+    if spec.backend == "sim":
+        from matrix_hpc.services.llm.backends.sim import SimBackend
+
+        return SimBackend(spec)
     if spec.backend == "vllm":
         from matrix_hpc.services.llm.backends.vllm import VLLMBackend
 
