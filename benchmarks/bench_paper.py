@@ -24,6 +24,12 @@ processes' CPU time; for (b), the same per stage, to show where a barrier costs.
 of the barrier on this hardware). Then the medians, and every figure as JSON.
 
     .venv/bin/python benchmarks/bench_paper.py [--rows 32] [--repeat 3]
+
+With ``--backend sim`` it compares matrix-hpc with the batch-synchronous baseline on a simulated GPU
+engine instead, for each scenario job and a long-tail multi-turn workload (benchmarks/paper_sim.py):
+
+    .venv/bin/python benchmarks/bench_paper.py --backend sim [--sim-scenario-rows 256]
+        [--sim-longtail 256,1024,4096] [--sim-only longtail]
 """
 
 from __future__ import annotations
@@ -277,10 +283,22 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1, help="rounds of (c), (b), (a)")
     ap.add_argument("--block-size", type=int, default=0,
                     help="KV block size in tokens, the prefix cache's unit (default: the engine's, 128 on CPU)")
+    ap.add_argument("--backend", choices=["vllm", "sim"], default="vllm",
+                    help="vllm: the real CPU engine (above); sim: a simulated GPU engine (paper_sim.py)")
+    ap.add_argument("--sim-scenario-rows", type=int, default=256, help="sim: tasks in flight per scenario job")
+    ap.add_argument("--sim-longtail", default="256,1024,4096", help="sim: long-tail workload sizes in flight")
+    ap.add_argument("--sim-only", default="", help="sim: only these cases (comma-separated names)")
     args = ap.parse_args()
     concurrency = args.concurrency or args.rows
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-paper-"))
+    if args.backend == "sim":
+        from paper_sim import main_sim
+
+        try:
+            return main_sim(args, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     # The Ray a run starts itself: loopback only, token auth
     try:
         with LocalRay(tmp, num_cpus=2, log_to_driver=False, object_store_memory=512 * 1024**2):
