@@ -96,15 +96,15 @@ def tasks_of(job) -> list:
 
 
 async def engine_counts(llm) -> tuple[int, int]:
-    stats = (await llm.client().model_info())[0]["stats"]
-    assert stats.get("simulated") == 1, "the engine must be the simulator"
-    return stats["steps"], stats["batch_sum"]
+    (info,) = await llm.client().model_info()
+    assert info["backend"] == "sim", "the engine must be the simulator"
+    return info["stats"]["steps"], info["stats"]["batch_sum"]
 
 
 def batch_synchronous(job, services: dict, llm) -> Side:
     """Every live task steps with its role's batch; a role's batch waits for its slowest task."""
     cls, log = payload_class(job), logging.getLogger("bench")
-    sys.path.insert(0, str(job.job_dir))
+    sys.path.insert(0, str(job.dir))
     step_fns = {name: resolve_agent(r.agent) for name, r in job.spec.roles.items()}
     live = []
     for task in tasks_of(job):
@@ -135,7 +135,7 @@ def batch_synchronous(job, services: dict, llm) -> Side:
     try:
         return asyncio.run(go())
     finally:
-        sys.path.remove(str(job.job_dir))
+        sys.path.remove(str(job.dir))
         sys.modules.pop("agents", None)  # every job names its module `agents`
 
 
@@ -154,7 +154,7 @@ def job_services(job, llm) -> tuple[dict, list]:
     for name, spec in (job.spec.services.get("sandbox") or {}).items():
         from matrix_hpc.services.sandbox import deploy as deploy_sandbox
 
-        endpoint = deploy_sandbox(name, spec, base_dir=job.job_dir)
+        endpoint = deploy_sandbox(name, spec, base_dir=job.dir)
         services.setdefault("sandbox", {})[name] = endpoint
         started.append(endpoint)
     return services, started

@@ -311,6 +311,7 @@ class LLMServicer(pb_grpc.LLMServicer):
                 generation_tokens=s.get("generation_tokens", 0),
                 prefix_cache_queries=s.get("prefix_cache_queries", 0),
                 prefix_cache_hits=s.get("prefix_cache_hits", 0),
+                batch_sum=s.get("batch_sum", 0),
             ),
         )
 
