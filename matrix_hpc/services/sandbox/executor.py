@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 
 from . import seccomp
 from .cgroups import Cgroup, CgroupRoot, slurm_job_cgroup
+from .files import QuotaWatch
 from .runtimes import Control, Launch, Runtime
 from .spec import Limits
 from .streams import CHUNK, pump
@@ -177,7 +178,8 @@ class Executor:
                 control.close()
             raise
         try:
-            return self._run(launch, limits, stdin, handle or Handle())
+            quota = QuotaWatch(host_workdir, limits.work_dir_bytes) if host_workdir else None
+            return self._run(launch, limits, stdin, handle or Handle(), quota)
         finally:
             launch.close_fds()
             if control is not None:
@@ -185,7 +187,8 @@ class Executor:
 
     # -- the core -----------------------------------------------------------------------------
 
-    def _run(self, launch: Launch, limits: Limits, stdin: bytes, handle: Handle) -> Outcome:
+    def _run(self, launch: Launch, limits: Limits, stdin: bytes, handle: Handle,
+             quota: QuotaWatch | None) -> Outcome:
         cg: Cgroup | None = None
         if self.cgroups is not None:
             cg = self.cgroups.create(uuid.uuid4().hex[:12])
@@ -214,7 +217,7 @@ class Executor:
                 ended = pump(proc, out, stdin=stdin, deadline=start + limits.wall_time_s,
                              max_output_bytes=limits.max_output_bytes, every=_POLL_S[self.mechanism],
                              cancelled=handle.cancelled,
-                             over_limits=lambda: self._over_limits(cg, watch, limits, hit))
+                             over_limits=lambda: self._over_limits(cg, watch, limits, hit, quota))
                 exited = ended == "exited"
                 if ended == "wall_time":
                     hit.add("wall_time")
@@ -320,8 +323,13 @@ class Executor:
         out.limits_hit = [name for name in LIMIT_ORDER if name in hit]
         return out
 
-    def _over_limits(self, cg: Cgroup | None, watch: TreeWatch, limits: Limits, hit: set[str]) -> bool:
-        """One poll of the tree's counters; True when it must be killed."""
+    def _over_limits(self, cg: Cgroup | None, watch: TreeWatch, limits: Limits, hit: set[str],
+                     quota: QuotaWatch | None) -> bool:
+        """One poll of the tree's counters (and of a host work directory's size); True when it must
+        be killed."""
+        if quota is not None and quota.over():
+            hit.add("disk")
+            return True
         if cg is not None:
             if watch.tmpfs_full():
                 hit.add("disk")

@@ -6,6 +6,10 @@ would hand the code a fresh set of capabilities), and a few host-wide knobs. Blo
 with EPERM; ``clone3`` answers ENOSYS so that libc falls back to ``clone``, whose flags a filter can
 see. Only the native architecture's calls are allowed (libseccomp kills a foreign-ABI call).
 
+Programs that want shared memory use files in ``/dev/shm`` or ``/tmp`` (what ``shm_open``,
+``multiprocessing`` and a denied ``memfd_create``'s usual fallbacks do) or ``MAP_SHARED|MAP_ANONYMOUS``
+mappings: both are counted against the memory cap.
+
 One more rule makes the file-size limit visible in the wait status: a program may not install a
 handler for (or ignore) SIGXFSZ, so writing past ``RLIMIT_FSIZE`` kills it with that signal. Python
 ignores SIGXFSZ at start-up and would otherwise only see ``EFBIG``.
@@ -28,6 +32,11 @@ BLOCKED = (
     "setns", "reboot", "swapon", "swapoff", "acct", "syslog", "quotactl", "open_by_handle_at",
     "name_to_handle_at", "iopl", "ioperm", "settimeofday", "clock_settime", "clock_adjtime", "adjtimex",
     "vhangup", "uselib", "personality", "lookup_dcookie", "fanotify_init",
+    # Shared memory that outlives every mapping of it, out of the watchdog's sight: a memfd can be
+    # parked in a Unix socket's queue with no fd or mapping left, a SysV segment in the sandbox's IPC
+    # namespace. (Shared anonymous mappings and files in the sandbox's tmpfs folders stay allowed
+    # and are counted.)
+    "memfd_create", "memfd_secret", "shmget",
 )
 # Any namespace flag in clone/unshare (CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID |
 # NEWNET | NEWTIME).

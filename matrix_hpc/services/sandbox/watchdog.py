@@ -6,8 +6,12 @@ reparented to its init), and the kernel's ``/proc`` counters say what they use. 
 tree (``/proc/PID/task/TID/children``) and sums:
 
 - memory: the proportional anonymous memory of every process (``Pss_Anon`` of ``smaps_rollup``;
-  shared pages count once) plus what the sandbox's in-memory folders hold (``statvfs`` of its
-  tmpfs mounts, seen through ``/proc/PID/root``);
+  shared pages count once), the shared memory objects its processes map or hold open outside its
+  folders (``MAP_SHARED|MAP_ANONYMOUS`` and ``/dev/zero`` mappings, memfds, SysV segments: each
+  object once, at its full mapped or file size, the largest seen while it lives, since pages
+  dropped from the page tables with ``MADV_DONTNEED`` stay allocated and uncounted in ``Rss``),
+  plus what the sandbox's in-memory folders hold (``statvfs`` of its tmpfs mounts, seen through
+  ``/proc/PID/root``; unlinked files still open or mapped included);
 - processes: every task (thread) in the sandbox's PID namespace;
 - CPU: user + system time of the live tasks and of the children they have reaped.
 
@@ -62,9 +66,38 @@ def _pss_anon(pid: int) -> int:
     return fallback
 
 
+# How the kernel names shared memory that lives outside every folder (maps, fd links).
+_SHMEM_NAMES = ("/dev/zero", "/memfd:", "/SYSV", "[anon_shmem")
+ShmemKey = tuple[int, int, int]  # (device major, minor, inode)
+
+
+def _shared_objects(pid: int, objects: dict[ShmemKey, int]) -> None:
+    """Add the shared memory objects ``pid`` maps or holds open to ``objects`` (key -> bytes, the
+    largest extent seen: a mapping at offset O of length L means the object holds O + L bytes)."""
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].startswith(_SHMEM_NAMES):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                major, minor = (int(x, 16) for x in parts[3].split(":"))
+                key = (major, minor, int(parts[4]))
+                objects[key] = max(objects.get(key, 0), int(parts[2], 16) + hi - lo)
+    fds = f"/proc/{pid}/fd"
+    for fd in os.listdir(fds):
+        try:
+            if not os.readlink(f"{fds}/{fd}").startswith("/memfd:"):
+                continue
+            st = os.stat(f"{fds}/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        key = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+        objects[key] = max(objects.get(key, 0), st.st_size, st.st_blocks * 512)
+
+
 @dataclass
 class Usage:
     memory_bytes: int = 0
+    shared_bytes: int = 0
     tmpfs_bytes: int = 0
     tasks: int = 0
     cpu_time_s: float = 0.0
@@ -80,20 +113,27 @@ class TreeWatch:
     init: int | None = None
     peak_memory_bytes: int = 0
     peak_tasks: int = 0
+    # Shared memory objects alive at the last poll, at the largest size seen: one cut down between
+    # two polls (a partial munmap) keeps its size as long as some part of it is still held.
+    shared: dict[ShmemKey, int] = field(default_factory=dict)
 
     def measure(self) -> Usage:
         u = Usage()
         inside = tree(self.init) if self.init is not None else []
+        objects: dict[ShmemKey, int] = {}
         for pid in inside:
             try:
                 fields = _stat_fields(pid)
                 u.tasks += int(fields[17])  # num_threads
                 u.cpu_time_s += sum(int(x) for x in fields[11:15]) / _CLOCK  # utime stime cutime cstime
                 u.memory_bytes += _pss_anon(pid)
+                _shared_objects(pid, objects)
             except (OSError, ValueError, IndexError):
                 pass  # exited between the walk and the read
+        self.shared = {k: max(v, self.shared.get(k, 0)) for k, v in objects.items()}
+        u.shared_bytes = sum(self.shared.values())
         self._add_tmpfs(inside[1:], u)
-        u.memory_bytes += u.tmpfs_bytes
+        u.memory_bytes += u.shared_bytes + u.tmpfs_bytes
         self.peak_memory_bytes = max(self.peak_memory_bytes, u.memory_bytes)
         self.peak_tasks = max(self.peak_tasks, u.tasks)
         return u
