@@ -13,7 +13,6 @@ Files shared through the run directory (a filesystem every node sees), one folde
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -21,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -94,16 +94,12 @@ class RayNode:
     def __init__(self, node: Node, attempt_dir: Path, extra_args: list[str]):
         self.node = node
         self.log_path = attempt_dir / f"node-{node.rank}.log"
-        uid = os.getuid()
-        self.temp_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"mhpc-{uid}" / f"{node.job_id}-{node.rank}"
+        self.temp_dir: Path | None = None
         self.extra_args = extra_args
         self.proc: subprocess.Popen | None = None
 
     def start(self, *, head_port: int | None = None, head_address: str | None = None) -> None:
-        for _ in range(3):  # the user's folder may go between the two mkdirs (another job's last node stopping)
-            with contextlib.suppress(FileNotFoundError):
-                self.temp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-                break
+        self.temp_dir = node_temp_dir(self.node)
         ray = str(Path(sys.executable).with_name("ray"))
         # Ports Ray would otherwise take at fixed defaults, free on this node now: another Ray on the
         # same machine (another user's, or another job's) holds the defaults.
@@ -138,9 +134,15 @@ class RayNode:
             except subprocess.TimeoutExpired:
                 _signal_group(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):  # the user's folder goes with its last node (not while others use it)
-            self.temp_dir.parent.rmdir()
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def node_temp_dir(node: Node) -> Path:
+    """A fresh owner-only folder (0700, random name: ``mkdtemp``) in ``$TMPDIR`` for this node's Ray.
+    Never a fixed name in a shared folder: another user could make it first and own it."""
+    prefix = f"mhpc-{node.job_id}.{node.rank}-"
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("TMPDIR") or "/tmp"))
 
 
 def _ignore_usr2() -> None:
