@@ -38,6 +38,14 @@ RAY_TOKEN_FILE = "ray.token"
 _RAY_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
 RUN_TMP_VAR = "MATRIX_HPC_RUN_TMP"  # the local Ray's private temporary folder, for the run's own temporary files
 _LOCAL_RAY_RECORD = "local-ray.json"  # in the run directory: what a start made, for the next start to clear
+# Ray's Prometheus exporters answer plain HTTP without any credential (actor, node and session names,
+# addresses, PIDs), on every interface of a cluster node: the dashboard agent's on each node, the
+# dashboard's and the autoscaler's at fixed ports (44227, 44217). The run uses none of them. The
+# first variable makes the raylet start its agent with ``--disable-metrics-collection``; the other
+# two have no off switch, so they get a port no socket can bind, and Ray logs the failed start and
+# goes on without them.
+RAY_METRICS_OFF = {"RAY_enable_metrics_collection": "0", "DASHBOARD_METRIC_PORT": "65536",
+                   "AUTOSCALER_METRIC_PORT": "65536"}
 
 
 class RunDirRefused(Exception):
@@ -164,7 +172,8 @@ class LocalRay:
         from ray._private import ray_constants
 
         self._clear_leftovers()
-        self.saved_env = {k: os.environ.get(k) for k in (*_RAY_AUTH_VARS, fate.OWNER_VAR, RUN_TMP_VAR)}
+        saved = (*_RAY_AUTH_VARS, fate.OWNER_VAR, RUN_TMP_VAR, *RAY_METRICS_OFF)
+        self.saved_env = {k: os.environ.get(k) for k in saved}
         self.saved_cluster_flag = ray_constants.ENABLE_RAY_CLUSTER
         try:
             # Short (Unix socket paths are limited to 107 bytes), random and 0700, so nobody can plant or
@@ -175,7 +184,7 @@ class LocalRay:
             self._record(owner)
             os.environ.pop("RAY_AUTH_TOKEN", None)
             os.environ.update({**ray_token_env(self.run_dir), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-                               fate.OWNER_VAR: owner, RUN_TMP_VAR: str(self.temp_dir)})
+                               fate.OWNER_VAR: owner, RUN_TMP_VAR: str(self.temp_dir), **RAY_METRICS_OFF})
             ray_constants.ENABLE_RAY_CLUSTER = False  # read by ray.init in this process; children read the env
             _reload_ray_auth_config()
             ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(self.temp_dir / "r"),
@@ -237,6 +246,6 @@ class LocalRay:
 
 
 __all__ = [
-    "CredentialError", "LocalRay", "RunDirRefused", "prepare_run_dir", "ray_token", "ray_token_env",
+    "CredentialError", "LocalRay", "RAY_METRICS_OFF", "RunDirRefused", "prepare_run_dir", "ray_token", "ray_token_env",
     "service_secret", "services_tls", "use_cluster_token",
 ]

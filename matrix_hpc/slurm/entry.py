@@ -81,11 +81,13 @@ def run_node(job_path: Path, run_dir: Path) -> int:
 
 def _private_ray(run_dir: Path) -> None:
     """The Ray this job starts on its nodes is the run's alone: token authentication with the run's
-    token (whatever RAY_AUTH_* the submitting shell had), files owner-only. Every ``ray start`` of
-    the job and its driver inherit this environment."""
-    from matrix_hpc.runtime.security import use_cluster_token
+    token (whatever RAY_AUTH_* the submitting shell had), files owner-only, no metrics exporter
+    (they answer HTTP without credentials). Every ``ray start`` of the job and its driver inherit
+    this environment."""
+    from matrix_hpc.runtime.security import RAY_METRICS_OFF, use_cluster_token
 
     os.umask(0o077)
+    os.environ.update(RAY_METRICS_OFF)
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         os.environ.pop(name, None)
     use_cluster_token(run_dir)

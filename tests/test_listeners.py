@@ -1,0 +1,206 @@
+"""What a run listens on, seen with `ss` while it runs (issue 17): no listener answers without the run's
+credentials beyond Ray's own gRPC servers, which need the run's token; Ray's metrics exporters (plain
+HTTP, no credential: actor, node and session names, addresses, PIDs) are off. A local run keeps every
+socket on loopback; on Slurm, what can bind the node's address does."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from conftest import deadline
+from test_slurm import slurm_conf, slurm_run  # noqa: F401 - fixtures
+
+CLI = [sys.executable, "-m", "matrix_hpc.cli"]
+LOOPBACK = {"127.0.0.1", "[::ffff:127.0.0.1]"}
+WILDCARD = {"*", "0.0.0.0", "[::]"}
+# Process names as `ss` shows them (the kernel's 15 characters).
+RAY_PARTS = {"gcs_server", "raylet", "ray::DashboardA", "ray::RuntimeEnv"}
+GCS_CALL = "/ray.rpc.NodeInfoGcsService/GetClusterId"
+
+AGENTS = '''
+import asyncio
+from pathlib import Path
+
+from matrix_hpc import Agent
+
+HERE = Path(__file__).parent
+
+
+class Hold(Agent):
+    async def step(self, item, ctx):
+        (HERE / "waiting").touch()
+        while not (HERE / "go").exists():  # the test looks at the run's sockets meanwhile
+            await asyncio.sleep(0.05)
+        item.answer = (await ctx.llm("echo").chat(item.text)).text
+        item.ran = (await ctx.sandbox("box").run(["true"])).exit_code == 0
+        return "done"
+'''
+
+
+def _write_job(d: Path) -> Path:
+    d.mkdir()
+    (d / "item.proto").write_text('syntax = "proto3";\npackage lis;\n'
+                                  "message Item { string text = 1; string answer = 2; bool ran = 3; }\n")
+    (d / "agents.py").write_text(AGENTS)
+    (d / "data.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "text": f"row {i}"}) + "\n" for i in range(2)))
+    (d / "job.yaml").write_text(yaml.safe_dump({
+        "name": "lis", "dataset": {"path": "data.jsonl", "id_field": "id"},
+        "payload": {"proto": "item.proto", "type": "lis.Item"},
+        "roles": {"hold": {"agent": "agents:Hold", "concurrency": 2}}, "first_role": "hold",
+        "services": {"llm": {"echo": {"backend": "scripted"}}, "sandbox": {"box": {"image": "python"}}},
+        "run": {"output_dir": "out", "commit_interval_s": 0.2},
+    }))
+    return d / "job.yaml"
+
+
+def listeners(pids: set[int]) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every TCP socket these processes listen on (`ss -ltnp`)."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        owners = {int(p): n for n, p in re.findall(r'\("([^"]+)",pid=(\d+)', line)}
+        if owners.keys() & pids:
+            addr, port = line.split()[3].rsplit(":", 1)
+            found.append((addr, int(port), next(n for p, n in owners.items() if p in pids)))
+    return found
+
+
+def http_answer(host: str, port: int) -> int | str:
+    """The status of GET /metrics without any credential (or why there was none)."""
+    try:
+        return urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except Exception as e:  # noqa: BLE001 - a gRPC port answers HTTP/1 with garbage, some not at all
+        return type(e).__name__
+
+
+def grpc_answer(target: str, token: str = "") -> str:
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    with grpc.insecure_channel(target) as ch:
+        try:
+            ch.unary_unary(GCS_CALL)(b"", timeout=10, metadata=metadata)
+            return "OK"
+        except grpc.RpcError as e:
+            return e.code().name
+
+
+def _session_pids(sid: int) -> set[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout
+    return {int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == sid}
+
+
+def test_a_local_run_has_no_metrics_exporter_and_only_loopback_listeners(tmp_path):
+    job = _write_job(tmp_path / "job")
+    proc = subprocess.Popen([*CLI, "run", str(job), "--no-progress", "--json"], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with deadline(240):
+            while not (job.parent / "waiting").exists():
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(0.1)
+            time.sleep(3)  # (not synchronization: Ray's agents start their servers a little later)
+            sockets = listeners(_session_pids(proc.pid))
+            names = {n for _, _, n in sockets}
+            assert RAY_PARTS <= names, sockets
+            assert {a for a, _, _ in sockets} <= LOOPBACK, sockets
+            answers = {(p, n): http_answer("127.0.0.1", p) for _, p, n in sockets}
+            assert [k for k, v in answers.items() if v == 200] == [], answers
+            (job.parent / "go").touch()
+            out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    assert proc.returncode == 0, out + err
+    assert json.loads(out.strip().splitlines()[-1])["done"] == 2
+
+
+@pytest.mark.slow
+def test_rays_own_exporters_would_answer_anyone(tmp_path):
+    """Control for the probe above: a Ray started without ``RAY_METRICS_OFF`` serves its metrics to
+    anyone who asks (here on loopback, the local-only mode)."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")},
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    ray_tmp = Path(tempfile.mkdtemp(prefix="mhpc-ray-"))
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--port=0", "--block",
+                             "--node-ip-address=127.0.0.1", "--num-cpus=1", "--include-dashboard=false",
+                             "--disable-usage-stats", f"--temp-dir={ray_tmp}/r",
+                             "--dashboard-agent-listen-port=0", f"--ray-client-server-port={_free_port()}"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        with deadline(120):
+            answered: list = []
+            while not answered:
+                assert head.poll() is None
+                answered = [(p, n) for _, p, n in listeners(_session_pids(head.pid))
+                            if http_answer("127.0.0.1", p) == 200]
+                time.sleep(1)
+    finally:
+        for pid in _session_pids(head.pid):  # never `ray stop`: it stops every Ray of the machine
+            os.kill(pid, 9)
+        head.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert answered
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _job_pids(uid: int, job_id: str) -> set[int]:
+    """Processes of ``uid`` started for Slurm job ``job_id`` (they inherit SLURM_JOB_ID)."""
+    found = set()
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and d.stat().st_uid == uid and \
+                    f"\0SLURM_JOB_ID={job_id}\0".encode() in b"\0" + (d / "environ").read_bytes():
+                found.add(int(d.name))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_a_slurm_run_binds_the_node_address_and_ray_needs_its_token(slurm_run):  # noqa: F811
+    r = slurm_run(rows=4, step_s=4.0)
+    job_id = r.submit()
+    r.wait(lambda: (r.dir / "calls.log").exists(), 180, "the first step", job_id)
+    time.sleep(3)  # (not synchronization: Ray's agents start their servers a little later)
+    sockets = listeners(_job_pids(r.user.uid, job_id))
+    node = (r.run_dir / "slurm" / "ray").glob("*/head").__next__().read_text().rsplit(":", 1)[0]
+    token = (r.run_dir / "credentials" / "ray.token").read_text().strip()
+    names = {n for _, _, n in sockets}
+    assert RAY_PARTS <= names, sockets
+
+    # Nothing answers HTTP without credentials (Ray's exporters are off; its agents want the token).
+    answers = {(a, p, n): http_answer(node, p) for a, p, n in sockets}
+    assert [k for k, v in answers.items() if v == 200] == [], answers
+    # What binds every interface is one of Ray's gRPC servers (GCS, raylet, agent, workers: Ray
+    # offers loopback or every interface), and it refuses a call without the run's token; the token
+    # opens the GCS (the refusal is real).
+    wild = [(p, n) for a, p, n in sockets if a in WILDCARD]
+    assert {"gcs_server", "raylet"} <= {n for _, n in wild}, wild
+    assert {p: grpc_answer(f"{node}:{p}") for p, _ in wild} == {p: "UNAUTHENTICATED" for p, _ in wild}
+    gcs = next(p for p, n in wild if n == "gcs_server")
+    assert grpc_answer(f"{node}:{gcs}", token) == "OK"
+    # Everything else is on the node's address (or loopback: Ray's client server adds it).
+    assert {a for a, _, _ in sockets if a not in WILDCARD} <= {node, f"[::ffff:{node}]"} | LOOPBACK, sockets
+    r.wait_ended(job_id, 240)
+    r.check_complete()
