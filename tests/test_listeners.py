@@ -28,7 +28,11 @@ LOOPBACK = {"127.0.0.1", "[::ffff:127.0.0.1]"}
 WILDCARD = {"*", "0.0.0.0", "[::]"}
 # Process names as `ss` shows them (the kernel's 15 characters).
 RAY_PARTS = {"gcs_server", "raylet", "ray::DashboardA", "ray::RuntimeEnv"}
-GCS_CALL = "/ray.rpc.NodeInfoGcsService/GetClusterId"
+# A call each of Ray's gRPC servers knows (GCS, raylet, its object manager, workers, the agent): Ray
+# checks the token only once it has found the method. Empty requests: nothing to do with the token.
+RAY_CALLS = ("/ray.rpc.NodeInfoGcsService/GetClusterId", "/ray.rpc.NodeManagerService/GetSystemConfig",
+             "/ray.rpc.ObjectManagerService/Pull", "/ray.rpc.CoreWorkerService/NumPendingTasks",
+             "/ray.rpc.LogService/ListLogs")
 
 AGENTS = '''
 import asyncio
@@ -89,13 +93,18 @@ def http_answer(host: str, port: int) -> int | str:
 
 
 def grpc_answer(target: str, token: str = "") -> str:
+    """OK if one of Ray's calls goes through, else UNAUTHENTICATED if one was refused for want of
+    the token, else what the calls got."""
     metadata = [("authorization", f"Bearer {token}")] if token else None
+    got = set()
     with grpc.insecure_channel(target) as ch:
-        try:
-            ch.unary_unary(GCS_CALL)(b"", timeout=10, metadata=metadata)
-            return "OK"
-        except grpc.RpcError as e:
-            return e.code().name
+        for method in RAY_CALLS:
+            try:
+                ch.unary_unary(method)(b"", timeout=10, metadata=metadata)
+                return "OK"
+            except grpc.RpcError as e:
+                got.add(e.code().name)
+    return "UNAUTHENTICATED" if "UNAUTHENTICATED" in got else "/".join(sorted(got))
 
 
 def _session_pids(sid: int) -> set[int]:
@@ -165,15 +174,25 @@ def _free_port() -> int:
 
 
 def _job_pids(uid: int, job_id: str) -> set[int]:
-    """Processes of ``uid`` started for Slurm job ``job_id`` (they inherit SLURM_JOB_ID)."""
-    found = set()
+    """Processes of ``uid`` started for Slurm job ``job_id`` (that inherit SLURM_JOB_ID), and all
+    their descendants."""
+    parents, roots = {}, set()
     for d in Path("/proc").iterdir():
         try:
-            if d.name.isdigit() and d.stat().st_uid == uid and \
-                    f"\0SLURM_JOB_ID={job_id}\0".encode() in b"\0" + (d / "environ").read_bytes():
-                found.add(int(d.name))
-        except OSError:
+            if not d.name.isdigit() or d.stat().st_uid != uid:
+                continue
+            stat = (d / "stat").read_text()
+            parents[int(d.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+            if f"\0SLURM_JOB_ID={job_id}\0".encode() in b"\0" + (d / "environ").read_bytes():
+                roots.add(int(d.name))
+        except (OSError, ValueError):
             pass
+    found = set(roots)
+    grew = True
+    while grew:
+        more = {p for p, parent in parents.items() if parent in found} - found
+        found |= more
+        grew = bool(more)
     return found
 
 
@@ -183,7 +202,8 @@ def test_a_slurm_run_binds_the_node_address_and_ray_needs_its_token(slurm_run): 
     job_id = r.submit()
     r.wait(lambda: (r.dir / "calls.log").exists(), 180, "the first step", job_id)
     time.sleep(3)  # (not synchronization: Ray's agents start their servers a little later)
-    sockets = listeners(_job_pids(r.user.uid, job_id))
+    pids = _job_pids(r.user.uid, job_id)
+    sockets = listeners(pids)
     node = (r.run_dir / "slurm" / "ray").glob("*/head").__next__().read_text().rsplit(":", 1)[0]
     token = (r.run_dir / "credentials" / "ray.token").read_text().strip()
     names = {n for _, _, n in sockets}
@@ -195,12 +215,18 @@ def test_a_slurm_run_binds_the_node_address_and_ray_needs_its_token(slurm_run): 
     # What binds every interface is one of Ray's gRPC servers (GCS, raylet, agent, workers: Ray
     # offers loopback or every interface), and it refuses a call without the run's token; the token
     # opens the GCS (the refusal is real).
-    wild = [(p, n) for a, p, n in sockets if a in WILDCARD]
+    wild = [(p, n) for a, p, n in sockets if a in WILDCARD and n != "srun"]  # srun: Slurm's step I/O
     assert {"gcs_server", "raylet"} <= {n for _, n in wild}, wild
-    assert {p: grpc_answer(f"{node}:{p}") for p, _ in wild} == {p: "UNAUTHENTICATED" for p, _ in wild}
+    refused = {(p, n): grpc_answer(f"{node}:{p}") for p, n in wild}
+    assert refused == dict.fromkeys(refused, "UNAUTHENTICATED"), refused
     gcs = next(p for p, n in wild if n == "gcs_server")
     assert grpc_answer(f"{node}:{gcs}", token) == "OK"
     # Everything else is on the node's address (or loopback: Ray's client server adds it).
     assert {a for a, _, _ in sockets if a not in WILDCARD} <= {node, f"[::ffff:{node}]"} | LOOPBACK, sockets
+    # Ray's folders on the node are in a fresh folder of the user's, closed to others.
+    ray_temp = {Path(m).parent for p in pids for m in re.findall(
+        r"--temp-dir=(\S+)", Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode())}
+    assert ray_temp and all(d.stat().st_mode & 0o777 == 0o700 and d.stat().st_uid == r.user.uid
+                            for d in ray_temp), ray_temp
     r.wait_ended(job_id, 240)
     r.check_complete()

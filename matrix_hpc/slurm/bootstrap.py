@@ -104,7 +104,7 @@ class RayNode:
         # Ports Ray would otherwise take at fixed defaults, free on this node now: another Ray on the
         # same machine (another user's, or another job's) holds the defaults.
         argv = [ray, "start", "--block", f"--node-ip-address={self.node.ip}", f"--num-cpus={self.node.cpus}",
-                f"--num-gpus={self.node.gpus}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+                f"--num-gpus={self.node.gpus}", f"--temp-dir={self.temp_dir / 'r'}", "--disable-usage-stats",
                 f"--dashboard-agent-listen-port={free_port(self.node.ip)}"]
         if head_port is not None:
             argv += ["--head", f"--port={head_port}", "--include-dashboard=false",
@@ -139,8 +139,9 @@ class RayNode:
 
 
 def node_temp_dir(node: Node) -> Path:
-    """A fresh owner-only folder (0700, random name: ``mkdtemp``) in ``$TMPDIR`` for this node's Ray.
-    Never a fixed name in a shared folder: another user could make it first and own it."""
+    """A fresh owner-only folder (0700, random name: ``mkdtemp``) in ``$TMPDIR`` for this node's Ray,
+    which gets ``r`` inside it (Ray makes its own temporary folder 0777). Never a fixed name in a
+    shared folder: another user could make it first and own it."""
     prefix = f"mhpc-{node.job_id}.{node.rank}-"
     return Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("TMPDIR") or "/tmp"))
 
