@@ -73,3 +73,28 @@ def test_the_sandbox_server_sweeps_only_its_own_stale_state(unprivileged_user, s
     _sweep_stale_state(shared_tmp)
     assert (theirs / "keep").read_text() == "mine\n"
     assert not ours.exists()
+
+
+def test_the_sandbox_server_sweeps_only_its_own_stale_cgroups(unprivileged_user, shared_tmp):
+    """The same for per-sandbox cgroups, in a hierarchy several users' servers share (cgroup v1 on
+    our dev VMs): another user's stale folder is neither removed nor a reason to fail at start (it
+    was, when it could not be read). Plain folders stand in for the cgroup hierarchy."""
+    from matrix_hpc.services.sandbox.cgroups import _sweep_stale
+
+    if os.geteuid() == unprivileged_user.uid:
+        pytest.skip("needs a second user (run the suite as root)")
+    dead_pid = 4_000_000
+    theirs = shared_tmp / f"matrix-hpc-sandbox-{dead_pid + 1}"
+    made = unprivileged_user.run(["mkdir", "-p", str(theirs / "abc")], timeout=30)
+    assert made.returncode == 0, made.stderr
+    ours = shared_tmp / f"matrix-hpc-sandbox-{dead_pid}"
+    (ours / "def").mkdir(parents=True)
+    _sweep_stale(shared_tmp)  # root's server
+    assert (theirs / "abc").is_dir() and not ours.exists()
+    root_only = shared_tmp / f"matrix-hpc-sandbox-{dead_pid + 2}"
+    root_only.mkdir(mode=0o700)
+    swept = unprivileged_user.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                                   "from matrix_hpc.services.sandbox.cgroups import _sweep_stale; "
+                                   "_sweep_stale(Path(sys.argv[1]))", str(shared_tmp)], timeout=60)
+    assert swept.returncode == 0, swept.stderr  # the user's server
+    assert root_only.is_dir() and not theirs.exists()

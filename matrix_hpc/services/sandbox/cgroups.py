@@ -254,7 +254,7 @@ def _rmdir(d: Path) -> None:
 
 
 def _sweep_stale(parent: Path) -> None:
-    """Remove the cgroups of sandbox servers that died without cleaning up (their pid is gone)."""
+    """Remove the cgroups of our sandbox servers that died without cleaning up (their pid is gone)."""
     try:
         entries = list(parent.glob(f"{_PREFIX}-*"))
     except OSError:
@@ -266,8 +266,13 @@ def _sweep_stale(parent: Path) -> None:
             continue
         if pid == os.getpid() or Path(f"/proc/{pid}").exists():
             continue
-        version = 2 if (d / "cgroup.controllers").exists() else 1
-        for child in d.iterdir():
-            if child.is_dir():
-                Cgroup(version, {"": child}).destroy()
+        try:  # only ours: another user's (a server of root's, in a hierarchy we share) is not our business
+            if d.lstat().st_uid != os.geteuid():
+                continue
+            version = 2 if (d / "cgroup.controllers").exists() else 1
+            children = [child for child in d.iterdir() if child.is_dir()]
+        except OSError:
+            continue
+        for child in children:
+            Cgroup(version, {"": child}).destroy()
         _rmdir(d)
