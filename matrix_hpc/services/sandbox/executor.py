@@ -325,8 +325,7 @@ class Executor:
 
     def _over_limits(self, cg: Cgroup | None, watch: TreeWatch, limits: Limits, hit: set[str],
                      quota: QuotaWatch | None) -> bool:
-        """One poll of the tree's counters (and of a host work directory's size); True when it must
-        be killed."""
+        """One poll of the tree's counters and of a host work folder's size; True when it must be killed."""
         if quota is not None and quota.over():
             hit.add("disk")
             return True
