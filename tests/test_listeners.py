@@ -82,6 +82,16 @@ def listeners(pids: set[int]) -> list[tuple[str, int, str]]:
     return found
 
 
+def listeners_once_up(pids, timeout_s: float = 60) -> list[tuple[str, int, str]]:
+    """``listeners(pids())`` once every part of Ray listens (its agents start their servers last)."""
+    end = time.monotonic() + timeout_s
+    while True:
+        sockets = listeners(pids())
+        if RAY_PARTS <= {n for _, _, n in sockets} or time.monotonic() > end:
+            return sockets
+        time.sleep(0.2)
+
+
 def http_answer(host: str, port: int) -> int | str:
     """The status of GET /metrics without any credential (or why there was none)."""
     try:
@@ -121,8 +131,7 @@ def test_a_local_run_has_no_metrics_exporter_and_only_loopback_listeners(tmp_pat
             while not (job.parent / "waiting").exists():
                 assert proc.poll() is None, proc.communicate()
                 time.sleep(0.1)
-            time.sleep(3)  # (not synchronization: Ray's agents start their servers a little later)
-            sockets = listeners(_session_pids(proc.pid))
+            sockets = listeners_once_up(lambda: _session_pids(proc.pid))
             names = {n for _, _, n in sockets}
             assert RAY_PARTS <= names, sockets
             assert {a for a, _, _ in sockets} <= LOOPBACK, sockets
@@ -165,6 +174,13 @@ def test_rays_own_exporters_would_answer_anyone(tmp_path):
     assert answered
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""  # exited meanwhile
+
+
 def _free_port() -> int:
     import socket
 
@@ -201,9 +217,8 @@ def test_a_slurm_run_binds_the_node_address_and_ray_needs_its_token(slurm_run): 
     r = slurm_run(rows=4, step_s=4.0)
     job_id = r.submit()
     r.wait(lambda: (r.dir / "calls.log").exists(), 180, "the first step", job_id)
-    time.sleep(3)  # (not synchronization: Ray's agents start their servers a little later)
+    sockets = listeners_once_up(lambda: _job_pids(r.user.uid, job_id))
     pids = _job_pids(r.user.uid, job_id)
-    sockets = listeners(pids)
     node = (r.run_dir / "slurm" / "ray").glob("*/head").__next__().read_text().rsplit(":", 1)[0]
     token = (r.run_dir / "credentials" / "ray.token").read_text().strip()
     names = {n for _, _, n in sockets}
@@ -224,8 +239,7 @@ def test_a_slurm_run_binds_the_node_address_and_ray_needs_its_token(slurm_run): 
     # Everything else is on the node's address (or loopback: Ray's client server adds it).
     assert {a for a, _, _ in sockets if a not in WILDCARD} <= {node, f"[::ffff:{node}]"} | LOOPBACK, sockets
     # Ray's folders on the node are in a fresh folder of the user's, closed to others.
-    ray_temp = {Path(m).parent for p in pids for m in re.findall(
-        r"--temp-dir=(\S+)", Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode())}
+    ray_temp = {Path(m).parent for p in pids for m in re.findall(r"--temp-dir=(\S+)", _cmdline(p))}
     assert ray_temp and all(d.stat().st_mode & 0o777 == 0o700 and d.stat().st_uid == r.user.uid
                             for d in ray_temp), ray_temp
     r.wait_ended(job_id, 240)
