@@ -231,7 +231,8 @@ class Executor:
             proc.returncode = 0  # reaped by us; keep Popen from waiting again
             if out.failed_to_start:
                 out.stderr = _drain(proc.stderr)
-            elif exited and launch.control is not None and not launch.control.command_ran():
+            elif exited and launch.control is not None and not launch.control.command_ran() \
+                    and not (cg is not None and cg.oom_killed()):  # the OOM killer may pick the launcher
                 out.failed_to_start = "bwrap could not set up the sandbox or execute the command"
             _close_pipes(proc)
             out.wall_time_s = time.monotonic() - start

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from .client import SandboxClient
 from .test_unprivileged import busy_user, uclient, user_server  # noqa: F401 - module fixtures
 from .wire import ServiceError
 
@@ -171,3 +172,19 @@ def test_a_folder_closed_to_its_owner_still_counts(aloop, uclient):  # noqa: F81
     assert over.limits_hit == ["disk"] and "more" not in over.stdout, over
     used = int(re.search(r"the session's files take (\d+) bytes", over.error).group(1))
     assert used > 256 * MiB, over
+
+
+def test_with_the_suites_own_server_too(aloop, make_server):
+    """The same routes through the server the suite runs as itself: as root on our VMs that is the
+    cgroup (v1) path, where the kernel's OOM killer stops the tree and may pick the launcher; it is
+    reported as ``memory``, not as a sandbox that could not start."""
+    from .spec import Limits
+
+    server, address = make_server(limits=Limits(wall_time_s=10, cpu_time_s=10, memory_bytes=CAP))
+    client = SandboxClient([address], key="task-root", default_wall_s=10)
+
+    async def go():
+        return [await client.run(["python3", "-c", code]) for code in (SHARED_MAPPING, DEV_SHM)]
+
+    for r in aloop.run(go()):
+        assert r.limits_hit[0] == "memory" and r.signal == 9 and "survived" not in r.stdout, (server.executor.isolation, r)
