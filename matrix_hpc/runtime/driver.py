@@ -217,7 +217,8 @@ class _Run:
         self._event("resumed" if self.resuming else "started", restored=len(restore),
                     committed=len(committed), run_id=self.id)
         t0 = time.monotonic()
-        deploying = lambda kind, name: self.term.phase(f"deploying {kind} service {name!r}")  # noqa: E731
+        deploying = lambda kind, name, source="": self.term.phase(  # noqa: E731
+            f"deploying {kind} service {name!r}" + (f" ({source})" if source else ""))
         to_deploy = {kind: {name: settings for name, settings in (entries or {}).items()
                             if name not in self.given.get(kind, {})}
                      for kind, entries in self.spec.services.items()}

@@ -22,7 +22,8 @@ def deploy_all(services: dict[str, dict[str, dict]], base_dir: Path,
     ``tls``; on one machine on Unix sockets in the owner-only ``socket_dir``); stop the ones already
     started if one fails.
 
-    ``on_deploy(kind, name)`` is called as each one starts (the driver shows it as a phase)."""
+    ``on_deploy(kind, name, source)`` is called as each one starts (the driver shows it as a phase);
+    ``source`` says what it runs on where the kind can tell (a sandbox's image), else ""."""
     endpoints: Endpoints = {}
     try:
         for kind, entries in services.items():
@@ -30,7 +31,8 @@ def deploy_all(services: dict[str, dict[str, dict]], base_dir: Path,
             for name, settings in (entries or {}).items():
                 spec = spec_class(kind).model_validate(settings or {})
                 if on_deploy:
-                    on_deploy(kind, name)
+                    describe = getattr(pkg, "describe_source", None)
+                    on_deploy(kind, name, describe(spec, base_dir) if describe else "")
                 endpoints.setdefault(kind, {})[name] = pkg.deploy(name, spec, base_dir=base_dir, secret=secret,
                                                                   tls=tls, socket_dir=socket_dir)
     except BaseException:

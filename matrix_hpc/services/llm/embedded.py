@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from matrix_hpc.paths import cache_dir
+from matrix_hpc.paths import cache_dir, make_shared_dir, share_tree
 
 EMBEDDED = {
     # name -> (python package shipping the GGUF, file name inside it)
@@ -63,6 +63,8 @@ def build(name: str = DEFAULT_MODEL, *, force: bool = False) -> Path:
         raise KeyError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED)}")
     out = model_dir(name)
     if is_built(name) and not force:
+        if out.stat().st_uid == os.geteuid():
+            share_tree(out)  # a folder built before files were shared (0600 weights) is fixed in place
         return out
     src = gguf_path(name)
     if not src.exists():
@@ -70,9 +72,11 @@ def build(name: str = DEFAULT_MODEL, *, force: bool = False) -> Path:
 
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    make_shared_dir(tmp.parent)
+    tmp.mkdir()
     try:
         _convert(src, tmp)
+        share_tree(tmp)  # every user reads the cache (safetensors writes its file 0600)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -14,7 +14,7 @@ Limits (wall clock, CPU, memory, processes, output, file size, work dir size) ha
 from __future__ import annotations
 
 from .client import RunResult, SandboxClient, Session
-from .deploy import SandboxEndpoint, deploy
+from .deploy import SandboxEndpoint, deploy, describe_source
 from .spec import Limits, SandboxSpec
 from .wire import ServiceError
 
@@ -30,4 +30,5 @@ __all__ = [
     "ServiceError",
     "Session",
     "deploy",
+    "describe_source",
 ]

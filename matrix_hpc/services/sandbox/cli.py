@@ -43,6 +43,7 @@ def register_serve(sub) -> None:
 
 
 def _serve(args) -> int:
+    from .deploy import describe_source
     from .server import SandboxServer
     from .spec import Limits, SandboxSpec
     from .wire import ServiceError
@@ -74,7 +75,7 @@ def _serve(args) -> int:
         except (ServiceError, RuntimeError) as e:
             print(f"matrix-hpc serve sandbox: {e}", file=sys.stderr)
             return 1
-        print(f"sandbox service ({spec.runtime}, image {spec.image}) on {bound}", flush=True)
+        print(f"sandbox service ({describe_source(spec)}) on {bound}", flush=True)
         if secret is None:
             print(OPEN_SERVER_WARNING, file=sys.stderr, flush=True)
         stop = asyncio.Event()

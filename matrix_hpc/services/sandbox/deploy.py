@@ -12,7 +12,7 @@ from matrix_hpc.services.core.deploy import ServiceReplica, start_options, start
 from matrix_hpc.services.core.endpoint import ServiceEndpoint
 
 from .client import SandboxClient, release
-from .image import ImageError, resolve_image
+from .image import ImageError, describe_image, resolve_image
 from .spec import SandboxSpec
 from .wire import ServiceError
 
@@ -49,6 +49,17 @@ class SandboxEndpoint(ServiceEndpoint):
         return await release(self, list(owners))
 
 
+def describe_source(spec: SandboxSpec, base_dir: str | Path | None = None) -> str:
+    """What the sandboxes of ``spec`` run on (the runtime and where its root comes from), for the
+    start-up line; "" when there is nothing to run on (``deploy`` then says why)."""
+    try:
+        image = resolve_image(spec.image, base_dir=Path(base_dir) if base_dir else None, runtime=spec.runtime,
+                              fallback=spec.host_fallback)
+    except ImageError:
+        return ""
+    return f"{spec.runtime}, {describe_image(spec.image, image)}"
+
+
 def deploy(name: str, spec: SandboxSpec | dict, *, base_dir: str | Path | None = None,
            timeout_s: float = 120.0, secret: str | None = None, tls: TLSPair | None = None,
            socket_dir: str | Path | None = None) -> SandboxEndpoint:
@@ -65,7 +76,8 @@ def deploy(name: str, spec: SandboxSpec | dict, *, base_dir: str | Path | None =
     if not isinstance(spec, SandboxSpec):
         spec = SandboxSpec.model_validate(spec)
     try:
-        image = resolve_image(spec.image, base_dir=Path(base_dir) if base_dir else None)
+        image = resolve_image(spec.image, base_dir=Path(base_dir) if base_dir else None, runtime=spec.runtime,
+                              fallback=spec.host_fallback)
     except ImageError as e:
         raise ServiceError(f"sandbox {name!r}: {e}") from e
     # Replicas get an absolute image path (a path on the shared filesystem on clusters).

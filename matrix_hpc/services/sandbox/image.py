@@ -5,7 +5,11 @@ Apptainer runs it as a sandbox directory (``apptainer exec DIR ...``). ``contain
 the Apptainer definition of the same image, for clusters that prefer a ``.sif``.
 
 Builds are atomic (debootstrap into a temporary sibling, then ``rename``) and cached: a finished
-image carries a stamp file with its recipe, and a build with the same recipe is a no-op.
+image carries a stamp file with its recipe, and a build with the same recipe is a no-op. A built
+image is readable by every user (one install, built once by root, serves them all).
+
+Where no image is built (an ordinary user, no admin), the bwrap runtime falls back to a read-only
+view of the node's own ``/usr`` (``hostview``), unless the job asks for the built image only.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from matrix_hpc.paths import cache_dir
+from matrix_hpc.paths import cache_dir, make_shared_dir, share_tree
+
+from .hostview import HOST, HostView
 
 STAMP = ".matrix-hpc-image.json"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -35,10 +41,13 @@ class ImageRecipe:
     packages: tuple[str, ...] = ()
     # Commands run inside the new root (chroot) after debootstrap, e.g. cleanup.
     post: tuple[str, ...] = field(default=())
+    # Programs the image is for: the node's own view stands in for it only where it has them.
+    programs: tuple[str, ...] = field(default=(), compare=False)
 
 
 RECIPES: dict[str, ImageRecipe] = {
-    "python": ImageRecipe(packages=("python3",), post=("apt-get clean", "rm -rf /var/lib/apt/lists/*")),
+    "python": ImageRecipe(packages=("python3",), post=("apt-get clean", "rm -rf /var/lib/apt/lists/*"),
+                          programs=("python3",)),
 }
 
 
@@ -89,10 +98,10 @@ def build_image(name: str, *, mirror: str | None = None, force: bool = False, qu
         raise ImageError(f"unknown image {name!r}; known: {', '.join(sorted(RECIPES))}")
     recipe = RECIPES[name]
     target = image_path(name)
-    want = asdict(recipe)
+    want = _recipe_record(recipe)
     if not force and _stamp_matches(target, want):
         return target
-    images_dir().mkdir(parents=True, exist_ok=True)
+    make_shared_dir(images_dir())
     # One builder at a time per image (other processes wait, then find it built).
     with open(images_dir() / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -119,7 +128,7 @@ def build_image(name: str, *, mirror: str | None = None, force: bool = False, qu
             for d in ("work", "tmp", "proc", "dev"):
                 (tmp / d).mkdir(exist_ok=True)
             (tmp / STAMP).write_text(json.dumps({"name": name, "recipe": want, "mirror": mirror}))
-            os.chmod(tmp, 0o755)
+            share_tree(tmp)  # every user runs it, whatever the builder's umask
             if target.exists():
                 old = target.with_name(f".{name}.old-{os.getpid()}")
                 target.rename(old)
@@ -133,6 +142,13 @@ def build_image(name: str, *, mirror: str | None = None, force: bool = False, qu
     return target
 
 
+def _recipe_record(recipe: ImageRecipe) -> dict:
+    """What the stamp records of a recipe: what changes the image (not ``programs``)."""
+    record = asdict(recipe)
+    record.pop("programs")
+    return record
+
+
 def _stamp_matches(target: Path, want: dict) -> bool:
     try:
         stamp = json.loads((target / STAMP).read_text())
@@ -142,8 +158,16 @@ def _stamp_matches(target: Path, want: dict) -> bool:
     return stamp.get("recipe") == json.loads(json.dumps(want))
 
 
-def resolve_image(image: str, *, base_dir: Path | None = None) -> Path:
-    """An image name (built under the cache) or a path (a root filesystem directory or a .sif)."""
+def resolve_image(image: str, *, base_dir: Path | None = None, runtime: str = "bwrap",
+                  fallback: bool = True) -> Path | HostView:
+    """An image name (built under the cache), ``host`` (bwrap only: the node's own /usr, read-only),
+    or a path (a root filesystem directory or a .sif). A recipe's name that is not built falls back to
+    ``host`` with bwrap (unless ``fallback`` is False) where the node has the recipe's programs."""
+    if image == HOST:
+        if runtime != "bwrap":
+            raise ImageError(f"image {HOST!r} (the node's own /usr) is for the bwrap runtime, not {runtime}: "
+                             "give a .sif or a built image")
+        return HostView()
     if "/" in image or image.endswith(".sif") or image.startswith("."):
         p = Path(image).expanduser()
         if not p.is_absolute() and base_dir is not None:
@@ -154,6 +178,23 @@ def resolve_image(image: str, *, base_dir: Path | None = None) -> Path:
     p = image_path(image)
     if is_built(image):
         return p
-    if image in RECIPES:
-        raise ImageError(f"image {image!r} is not built yet: run `matrix-hpc image build {image}` (or `make image`)")
-    raise ImageError(f"unknown image {image!r}: give a built image name ({', '.join(sorted(RECIPES))}) or a path")
+    if image not in RECIPES:
+        raise ImageError(f"unknown image {image!r}: give a built image name ({', '.join(sorted(RECIPES))}), "
+                         f"{HOST!r} or a path")
+    view = HostView()
+    if fallback and runtime == "bwrap" and all(view.has(prog) for prog in RECIPES[image].programs):
+        return view
+    raise ImageError(f"image {image!r} is not built in {images_dir()}: build it as root with "
+                     f"`matrix-hpc image build {image}` (or `make image`)"
+                     + (f", or use `image: {HOST}` (bwrap: the node's own /usr, read-only)"
+                        if runtime == "bwrap" else ""))
+
+
+def describe_image(image: str, resolved: Path | HostView) -> str:
+    """Where a sandbox's root comes from, for the start-up line: the built image, a path, or the view."""
+    if isinstance(resolved, HostView):
+        why = "" if image == HOST else f"; image {image!r} is not built"
+        return f"{resolved.describe()}{why}"
+    if image in RECIPES and resolved == image_path(image):
+        return f"image {image!r} built at {resolved}"
+    return f"image {resolved}"

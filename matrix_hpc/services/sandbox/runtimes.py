@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from . import seccomp
+from .hostview import HOST, HostView
 from .spec import Limits
 
 WORK = "/work"
@@ -158,7 +159,7 @@ class Launch:
 class Runtime:
     """Shared by both runtimes: the image, the network switch and the binary to call."""
 
-    image: Path
+    image: Path | HostView
     network: bool = False
     binary: str = ""
     name: str = "base"
@@ -206,8 +207,9 @@ class BwrapRuntime(Runtime):
         tmpfs = ["/tmp", "/dev/shm"] + ([WORK] if host_workdir is None else [])
         if self.network:
             a.append("--share-net")
-        a += ["--die-with-parent", "--new-session", "--hostname", "sandbox",
-              "--ro-bind", str(self.image), "/",
+        view = self.image if isinstance(self.image, HostView) else None
+        root = view.bwrap_root() if view else ["--ro-bind", str(self.image), "/"]
+        a += ["--die-with-parent", "--new-session", "--hostname", "sandbox", *root,
               "--proc", "/proc", "--dev", "/dev",
               "--size", str(limits.work_dir_bytes), "--tmpfs", "/tmp",
               "--size", str(limits.work_dir_bytes), "--tmpfs", "/dev/shm"]
@@ -235,6 +237,8 @@ class BwrapRuntime(Runtime):
             except BaseException:
                 Launch([], fds).close_fds()
                 raise
+        if view:
+            a += view.bwrap_seal()
         a += ["--chdir", WORK, "--clearenv"]
         for k, v in self.environment(env).items():
             a += ["--setenv", k, v]
@@ -284,9 +288,11 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def make_runtime(kind: str, image: Path, *, network: bool, binary: str | None = None) -> Runtime:
+def make_runtime(kind: str, image: Path | HostView, *, network: bool, binary: str | None = None) -> Runtime:
     if kind == "bwrap":
         return BwrapRuntime(image=image, network=network, binary=binary or "bwrap")
     if kind == "apptainer":
+        if isinstance(image, HostView):
+            raise ValueError(f"the apptainer runtime needs a .sif or an image folder, not {HOST!r}")
         return ApptainerRuntime(image=image, network=network, binary=binary or "apptainer")
     raise ValueError(f"unknown sandbox runtime {kind!r} (bwrap, apptainer)")

@@ -82,7 +82,7 @@ class SandboxServer(pb_grpc.SandboxServicer):
                  state_dir: Path | None = None) -> None:
         self.spec = spec
         try:
-            image = resolve_image(spec.image, base_dir=base_dir)
+            image = resolve_image(spec.image, base_dir=base_dir, runtime=spec.runtime, fallback=spec.host_fallback)
         except ImageError as e:
             raise ServiceError(str(e)) from e
         binary = spec.bwrap if spec.runtime == "bwrap" else spec.apptainer

@@ -40,8 +40,11 @@ class SandboxSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     runtime: Literal["bwrap", "apptainer"] = "bwrap"
-    image: str = Field("python", description="a built image name (matrix-hpc image build NAME), "
-                       "or a path to a root filesystem directory or a .sif (relative to the job folder)")
+    image: str = Field("python", description="a built image name (matrix-hpc image build NAME), 'host' "
+                       "(bwrap: the node's own /usr, read-only), or a path to a root filesystem directory "
+                       "or a .sif (relative to the job folder)")
+    host_fallback: bool = Field(True, description="bwrap: where the named image is not built, use 'host' "
+                                "instead (false: the built image or nothing)")
     limits: Limits = Field(default_factory=Limits)
     network: bool = Field(False, description="allow network access (off: only a private loopback)")
     env: dict[str, str] = Field(default_factory=dict, description="environment of every command")
