@@ -8,6 +8,7 @@ what goes into it is made readable by all (``share_tree``), whatever the builder
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -85,3 +86,51 @@ def _share(path: Path) -> None:
         wanted = (mode | 0o444 | (0o111 if mode & 0o100 else 0)) & ~0o022
     if wanted != mode:
         os.chmod(path, wanted)
+
+
+class CacheUnreadable(RuntimeError):
+    """The cache (or something in it) is out of this user's reach; the message names the fix."""
+
+
+def check_cache_readable() -> Path:
+    """``cache_dir()``, refused (CacheUnreadable) where it exists but this user cannot read it."""
+    path = cache_dir()
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return path  # nothing built: what is needed says so itself
+    except PermissionError:
+        pass
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise CacheUnreadable(f"the matrix-hpc cache {path} is not readable by you ({describe_owner(path)}): "
+                              f"ask its owner to run `chmod a+rX {path}`, or set MATRIX_HPC_CACHE to a cache of "
+                              "your own")
+    return path
+
+
+def first_unreadable(root: Path) -> Path | None:
+    """The first folder under ``root`` (itself included) this user cannot list or enter, or file they
+    cannot read; None when every one is readable."""
+    if not os.access(root, os.R_OK | (os.X_OK if root.is_dir() else 0)):
+        return root
+    for parent, dirs, files in os.walk(root):
+        for name in dirs:
+            if not os.access(Path(parent) / name, os.R_OK | os.X_OK):
+                return Path(parent) / name
+        for name in files:
+            if not os.access(Path(parent) / name, os.R_OK):
+                return Path(parent) / name
+    return None
+
+
+def describe_owner(path: Path) -> str:
+    """``mode 0600, owner root`` (or why it cannot be told)."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        return e.strerror or str(e)
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = f"uid {st.st_uid}"
+    return f"mode {stat.S_IMODE(st.st_mode):04o}, owner {owner}"

@@ -24,7 +24,10 @@ def no_ray(monkeypatch):
 def test_resume_after_editing_a_middle_row_is_refused_before_ray(make_job, no_ray, capsys):
     path = make_job(AGENTS, ROLES, "f", rows=200)
     job = load_job(path)
-    open_store(job, force=False)  # the run as `run` creates it
+    store, _ = open_store(job, force=False)  # the run as `run` creates it, with one row committed
+    writer = store.writer("w0")  # (a run of which nothing was committed or saved is simply started afresh)
+    writer.append("r0#0", 0, task_pb2.TASK_STATUS_DONE, task_pb2.Task(task_id="r0#0").SerializeToString())
+    writer.flush()
     data = path.parent / "data.jsonl"
     data.write_text(data.read_text().replace('"row 100"', '"row 1OO"'))  # same size
     with deadline(30):

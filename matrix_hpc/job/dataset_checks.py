@@ -76,7 +76,7 @@ def dataset_digest(doc: YamlWithLines, spec, path: Path, run_dir: Path) -> str:
         pass
     digest = _scan(doc, spec, path)
     _unsaved[run_dir] = (key, digest)
-    if run_dir.is_dir():
+    if os.path.isdir(run_dir):  # False too where the user cannot reach it: the preflight says so
         save_digest(run_dir)
     return digest
 

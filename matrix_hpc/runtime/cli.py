@@ -11,7 +11,8 @@ from matrix_hpc.job.yamlpos import JobFileError
 from matrix_hpc.runtime.summary import Exit
 
 EXIT_CODES = (f"exit status: {Exit.OK} every task done (or failures within run.max_failed_fraction); "
-              f"{Exit.USAGE} a bad job file or a refused resume; {Exit.TASKS_FAILED} the run ended with more "
+              f"{Exit.USAGE} a bad job file, a refused resume, or something the run needs that is missing or "
+              f"out of reach (one line each, with its fix); {Exit.TASKS_FAILED} the run ended with more "
               f"failed tasks than run.max_failed_fraction allows (see `matrix-hpc export RUN_DIR --failed`); "
               f"{Exit.STOPPED} stopped by a fault such as a full disk (fix it, then `matrix-hpc resume RUN_DIR`); "
               f"{Exit.INTERRUPTED} interrupted by Ctrl-C, SIGTERM or SIGHUP after a checkpoint "
@@ -71,13 +72,13 @@ def _resume(args: argparse.Namespace) -> int:
 def _execute(job_path: Path, run_dir: Path | None, args: argparse.Namespace) -> int:
     from matrix_hpc.job.load import load_job
     from matrix_hpc.runtime.driver import run
-    from matrix_hpc.runtime.preflight import ResumeRefused, preflight
+    from matrix_hpc.runtime.preflight import PreflightError, ResumeRefused, preflight
     from matrix_hpc.runtime.security import CredentialError, RunDirRefused
 
     try:
         job = load_job(job_path, run_dir=run_dir)
         nothing_to_do = preflight(job, force=args.force)  # before Ray starts
-    except (JobFileError, ResumeRefused, RunDirRefused, CredentialError) as e:
+    except (JobFileError, PreflightError, ResumeRefused, RunDirRefused, CredentialError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if nothing_to_do:

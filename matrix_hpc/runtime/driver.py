@@ -24,7 +24,11 @@ from matrix_hpc.job.dataset import count_rows
 from matrix_hpc.job.load import Job, load_job
 from matrix_hpc.runtime.agent_actor import AgentActor
 from matrix_hpc.runtime.message import Task
-from matrix_hpc.runtime.preflight import ResumeRefused, refuse_if_changed  # noqa: F401 - ResumeRefused re-exported
+from matrix_hpc.runtime.preflight import (  # noqa: F401 - ResumeRefused re-exported
+    ResumeRefused,
+    open_started,
+    refuse_if_changed,
+)
 from matrix_hpc.runtime.proctitle import titled
 from matrix_hpc.runtime.progress import Terminal, describe_actors, percentiles
 from matrix_hpc.runtime.recovery import Recovery
@@ -39,7 +43,7 @@ from matrix_hpc.runtime.services import Endpoints, deploy_all, shutdown_all
 from matrix_hpc.runtime.sink import SinkActor
 from matrix_hpc.runtime.source import SourceActor
 from matrix_hpc.runtime.summary import RunSummary, failure_breakdown
-from matrix_hpc.store import DONE, FAILED, RunStore, StoreError
+from matrix_hpc.store import DONE, FAILED, RunStore
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +143,8 @@ def _given_services(job: Job, services: Endpoints) -> Endpoints:
 
 def open_store(job: Job, *, force: bool) -> tuple[RunStore, bool]:
     """Create the run store, or reopen it for a resume (refusing if the job changed)."""
-    try:
-        store = RunStore.open(job.run_dir)
-    except StoreError:  # no store yet: a fresh run
+    store = open_started(job)
+    if store is None:  # no store yet (or one whose start failed before any task ran): a fresh run
         total = count_rows(job.dataset_path, job.spec.dataset.limit) * job.spec.dataset.trials
         store = RunStore.create(job.run_dir, job_yaml=job.yaml_text, descriptor_set=job.descriptor_set,
                                 payload_type=job.payload_type, fingerprint=job.fingerprint, total_tasks=total)

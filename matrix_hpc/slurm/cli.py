@@ -98,6 +98,7 @@ def _load(args: argparse.Namespace):
 
 
 def _submit(args: argparse.Namespace) -> int:
+    from matrix_hpc.runtime.preflight import PreflightError, check_prerequisites, check_slurm_commands
     from matrix_hpc.slurm.submit import SubmitError, sbatch_text, submit
 
     try:
@@ -105,9 +106,11 @@ def _submit(args: argparse.Namespace) -> int:
         if args.dry_run:
             print(sbatch_text(job, spec))
             return 0
+        check_slurm_commands()
+        check_prerequisites(job, local=False)  # before anything reaches Slurm; the nodes' binaries are theirs
         done = submit(job, spec, nodes_timeout_s=args.nodes_timeout_s,
                       ray_worker_args=shlex.split(args.ray_worker_args))
-    except (JobFileError, SubmitError) as e:
+    except (JobFileError, SubmitError, PreflightError) as e:
         print(f"matrix-hpc submit: error: {e}", file=sys.stderr)
         return 2
     print(f"submitted Slurm job {done.job_id}\nrun directory: {done.run_dir}\n"

@@ -11,6 +11,7 @@ from matrix_hpc.services.llm.client import LLMClient
 from matrix_hpc.services.llm.deploy import LLMReplica, deploy
 from matrix_hpc.services.llm.endpoint import LLMEndpoint, ReplicaRef
 from matrix_hpc.services.llm.errors import InvalidRequest, ServiceError
+from matrix_hpc.services.llm.ready import check_ready
 from matrix_hpc.services.llm.results import (
     ChatChunk,
     ChatResult,
@@ -44,5 +45,6 @@ __all__ = [
     "TokenLogprob",
     "ToolCall",
     "Usage",
+    "check_ready",
     "deploy",
 ]

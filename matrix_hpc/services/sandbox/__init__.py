@@ -14,7 +14,7 @@ Limits (wall clock, CPU, memory, processes, output, file size, work dir size) ha
 from __future__ import annotations
 
 from .client import RunResult, SandboxClient, Session
-from .deploy import SandboxEndpoint, deploy, describe_source
+from .deploy import SandboxEndpoint, check_ready, deploy, describe_source
 from .spec import Limits, SandboxSpec
 from .wire import ServiceError
 
@@ -29,6 +29,7 @@ __all__ = [
     "SandboxSpec",
     "ServiceError",
     "Session",
+    "check_ready",
     "deploy",
     "describe_source",
 ]

@@ -4,15 +4,17 @@ machine, the node's address over TLS on a cluster; Ray restarts a replica that d
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from matrix_hpc.paths import CacheUnreadable, check_cache_readable
 from matrix_hpc.services.auth import TLSPair
 from matrix_hpc.services.core.deploy import ServiceReplica, start_options, start_replicas
 from matrix_hpc.services.core.endpoint import ServiceEndpoint
 
 from .client import SandboxClient, release
-from .image import ImageError, describe_image, resolve_image
+from .image import ImageError, describe_image, image_is_named, resolve_image
 from .spec import SandboxSpec
 from .wire import ServiceError
 
@@ -58,6 +60,27 @@ def describe_source(spec: SandboxSpec, base_dir: str | Path | None = None) -> st
     except ImageError:
         return ""
     return f"{spec.runtime}, {describe_image(spec.image, image)}"
+
+
+def check_ready(spec: SandboxSpec, base_dir: str | Path | None = None, *, local: bool = True) -> None:
+    """Raise ServiceError (one line, with the fix) if this user has nothing to run sandboxes on: an
+    unreadable cache, an image that is not there (and no fallback applies), or (``local``: on this
+    machine) no runtime binary. Checked in a second, before Ray starts."""
+    if image_is_named(spec.image):
+        try:
+            check_cache_readable()
+        except CacheUnreadable as e:
+            raise ServiceError(str(e)) from None
+    try:
+        resolve_image(spec.image, base_dir=Path(base_dir) if base_dir else None, runtime=spec.runtime,
+                      fallback=spec.host_fallback)
+    except ImageError as e:
+        raise ServiceError(str(e)) from None
+    binary = spec.bwrap if spec.runtime == "bwrap" else spec.apptainer
+    if local and shutil.which(binary) is None:
+        package = "bubblewrap" if spec.runtime == "bwrap" else "apptainer"
+        raise ServiceError(f"the {spec.runtime} runtime needs `{binary}`, which is not on PATH here: install "
+                           f"{package} (apt-get install {package}, or `make system`)")
 
 
 def deploy(name: str, spec: SandboxSpec | dict, *, base_dir: str | Path | None = None,

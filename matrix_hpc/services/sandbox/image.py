@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from matrix_hpc.paths import cache_dir, make_shared_dir, share_tree
+from matrix_hpc.paths import cache_dir, describe_owner, make_shared_dir, share_tree
 
 from .hostview import HOST, HostView
 
@@ -158,6 +158,11 @@ def _stamp_matches(target: Path, want: dict) -> bool:
     return stamp.get("recipe") == json.loads(json.dumps(want))
 
 
+def image_is_named(image: str) -> bool:
+    """A name of an image built under the cache (not ``host``, not a path)."""
+    return image != HOST and not ("/" in image or image.endswith(".sif") or image.startswith("."))
+
+
 def resolve_image(image: str, *, base_dir: Path | None = None, runtime: str = "bwrap",
                   fallback: bool = True) -> Path | HostView:
     """An image name (built under the cache), ``host`` (bwrap only: the node's own /usr, read-only),
@@ -168,7 +173,7 @@ def resolve_image(image: str, *, base_dir: Path | None = None, runtime: str = "b
             raise ImageError(f"image {HOST!r} (the node's own /usr) is for the bwrap runtime, not {runtime}: "
                              "give a .sif or a built image")
         return HostView()
-    if "/" in image or image.endswith(".sif") or image.startswith("."):
+    if not image_is_named(image):
         p = Path(image).expanduser()
         if not p.is_absolute() and base_dir is not None:
             p = Path(base_dir) / p
@@ -176,8 +181,15 @@ def resolve_image(image: str, *, base_dir: Path | None = None, runtime: str = "b
             raise ImageError(f"image path {p} does not exist")
         return p.resolve()
     p = image_path(image)
-    if is_built(image):
-        return p
+    try:
+        if is_built(image):
+            if not os.access(p, os.R_OK | os.X_OK):
+                raise PermissionError(13, "unreadable", str(p))
+            return p
+    except PermissionError as e:
+        bad = Path(e.filename or p)
+        raise ImageError(f"image {image!r}: {bad} is not readable by you ({describe_owner(bad)}): ask its owner "
+                         f"to run `chmod -R a+rX {p}` (or `matrix-hpc image build {image} --force` as root)") from None
     if image not in RECIPES:
         raise ImageError(f"unknown image {image!r}: give a built image name ({', '.join(sorted(RECIPES))}), "
                          f"{HOST!r} or a path")

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -119,7 +118,8 @@ def test_the_host_view_runs_python3_isolated_as_an_ordinary_user(unprivileged_us
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     srv = _listener()
     try:
-        line = proc.stdout.readline()  # the server's first line, once it serves (or its error, then EOF)
+        lines = iter(proc.stdout.readline, "")  # its log and its start line, once it serves (EOF: it failed)
+        line = next((ln for ln in lines if ln.startswith("sandbox service")), "")
         m = re.fullmatch(r"sandbox service \(bwrap, a read-only view of this node's /usr \(rootless, no built "
                          r"image\); image 'python' is not built\) on 127\.0\.0\.1:(\d+)\n", line)
         assert m, line
