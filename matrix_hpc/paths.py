@@ -29,7 +29,7 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "matrix-hpc"
 
 
-def state_dir(*, create: bool = True) -> Path:
+def state_dir() -> Path:
     """This user's own folder: ``$MATRIX_HPC_STATE``, else ``$XDG_STATE_HOME/matrix-hpc``, else
     ``~/.local/state/matrix-hpc``. Made owner-only (0700); one that belongs to another user or that
     others can read or write is refused (StateDirError)."""
@@ -39,9 +39,12 @@ def state_dir(*, create: bool = True) -> Path:
     else:
         base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
         path = Path(base) / "matrix-hpc"
-    if create:
+    try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.lstat()
+        st = path.lstat()
+    except OSError as e:
+        raise StateDirError(f"the matrix-hpc state folder {path} cannot be made or read ({e.strerror}): set "
+                            "MATRIX_HPC_STATE to a folder of your own") from None
     if not stat.S_ISDIR(st.st_mode):
         raise StateDirError(f"{path} (the matrix-hpc state folder, $MATRIX_HPC_STATE) is not a folder")
     if st.st_uid != os.geteuid():

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from matrix_hpc.paths import state_dir
 from matrix_hpc.services.auth import TLSPair
 from matrix_hpc.services.core.deploy import ServiceReplica, start_options, start_replicas
 from matrix_hpc.services.llm.endpoint import LLMEndpoint
@@ -29,6 +30,8 @@ class LLMReplica(ServiceReplica):
         self.spec = LLMSpec.model_validate(spec)
         self.base_dir = base_dir
         self.exit_when_dead = self.spec.max_restarts > 0
+        if self.spec.backend == "vllm":  # vLLM's own cache is per user: never in the shared install
+            os.environ.setdefault("VLLM_CACHE_ROOT", str(state_dir() / "vllm"))
         os.environ.update(self.spec.env)
         super().__init__(name, socket_path, secret, tls)
 
