@@ -1,5 +1,6 @@
 """One install serves every user: the cache that root built (the converted model, the sandbox image)
-is used, read-only, by an ordinary user who runs the main example job on it.
+is used, read-only, by an ordinary user who runs the main example job on it; and a user with no
+built image at all still gets a sandbox (the node's own /usr, read-only).
 
 Real parts: `matrix-hpc run` as the test user, a local Ray, the vLLM CPU engine, bubblewrap over
 the built image. Two problems (the job folder copied into the user's folder with a smaller
@@ -16,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from test_runtime import results
+
+from matrix_hpc import load_job
 from matrix_hpc.paths import cache_dir
 from matrix_hpc.services.llm.embedded import build as build_model
 from matrix_hpc.services.llm.embedded import is_built as model_is_built
@@ -24,15 +28,39 @@ from matrix_hpc.store import RunStore
 REPO = Path(__file__).resolve().parent.parent
 ROWS = 2
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs a cache that root built (run the suite as root)"),
-    pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed (make system)"),
-    pytest.mark.skipif(not model_is_built(), reason="the embedded model is not built: run `make model`"),
-]
+pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed (make system)")
+SANDBOXED = """
+from matrix_hpc import DONE
+
+async def compute(item, ctx):
+    result = await ctx.sandbox("py").run(["python3", "-c", f"print({item.n} * 2)"])
+    item.text = result.stdout.strip() or result.stderr or result.error
+    return DONE
+"""
 
 
-@pytest.fixture(scope="module")
+@pytest.mark.slow
+def test_an_ordinary_user_without_a_built_image_gets_the_rootless_sandbox(make_job, unprivileged_user, user_dir):
+    user = unprivileged_user
+    path = make_job(SANDBOXED, {"compute": {"agent": "agents:compute"}}, "compute", rows=3,
+                    services={"sandbox": {"py": {"image": "python"}}})
+    job_dir = user_dir / "job"
+    shutil.copytree(path.parent, job_dir)
+    empty_cache = user_dir / "cache"
+    empty_cache.mkdir()
+    for p in [job_dir, *job_dir.rglob("*"), empty_cache]:
+        os.chown(p, user.uid, user.gid)
+    run_dir = user_dir / "run"
+    r = user.run([sys.executable, "-m", "matrix_hpc.cli", "run", str(job_dir / "job.yaml"), "-o", str(run_dir),
+                  "--json"], env={"MATRIX_HPC_CACHE": str(empty_cache)}, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert ("deploying sandbox service 'py' (bwrap, a read-only view of this node's /usr (rootless, no built image); "
+            "image 'python' is not built) ...") in r.stderr.splitlines()
+    assert sorted(p.text for _, p in results(load_job(job_dir / "job.yaml", run_dir=run_dir))) == ["0", "2", "4"]
+    assert list(empty_cache.iterdir()) == []
+
+
+@pytest.fixture
 def root_cache() -> Path:
     """The cache as root leaves it: built (no-ops when it is), and shared readable."""
     from matrix_hpc.services.sandbox.image import build_image
@@ -50,6 +78,11 @@ def _user_job(user, user_dir: Path) -> Path:
     for p in [job_dir, *job_dir.rglob("*")]:
         os.chown(p, user.uid, user.gid)
     return job_dir / "job.yaml"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a cache that root built (run the suite as root)")
+@pytest.mark.skipif(not model_is_built(), reason="the embedded model is not built: run `make model`")
 
 
 def test_an_ordinary_user_runs_code_verify_on_the_cache_root_built(root_cache, unprivileged_user, user_dir):
