@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_runtime import results
 
 from matrix_hpc import load_job
