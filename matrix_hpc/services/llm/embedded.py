@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="rebuild even if the folder exists")
     args = p.parse_args(argv)
     if is_built(args.name) and not args.force:
+        build(args.name)  # converts nothing; makes a folder built before sharing readable by all
         print(f"{args.name}: ready at {model_dir(args.name)}")
         return 0
     t0 = time.monotonic()
