@@ -46,7 +46,7 @@ def test_a_model_folder_built_before_sharing_is_fixed_by_a_no_op_build(tmp_path,
     folder = embedded.model_dir()
     folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(b"w")  # 0600, as safetensors left it
-    (folder / ".matrix-hpc-complete").write_text("x\n")
+    (folder / ".matrix-hpc-complete").write_text(f"test, dtype {embedded.DTYPE}\n")
     assert embedded.build() == folder  # already built: nothing converted
     assert {p.name: _mode(p) for p in folder.iterdir()} == {"model.safetensors": 0o644,
                                                              ".matrix-hpc-complete": 0o644}

@@ -18,6 +18,7 @@ from matrix_hpc import load_job
 from matrix_hpc.cli import main
 from matrix_hpc.runtime.driver import open_store
 from matrix_hpc.runtime.preflight import ResumeRefused, preflight
+from matrix_hpc.services.llm.embedded import DTYPE
 
 AGENTS = "from matrix_hpc import DONE\nasync def f(item, ctx):\n    return DONE\n"
 ROLES = {"f": {"agent": "agents:f"}}
@@ -53,7 +54,7 @@ def _fake_model(cache: Path, weights_mode: int = 0o644) -> Path:
     """A built-looking embedded model folder (never loaded: the checks stop the run before)."""
     folder = cache / "models" / "smollm2-135m"
     folder.mkdir(parents=True)
-    (folder / ".matrix-hpc-complete").write_text("test\n")
+    (folder / ".matrix-hpc-complete").write_text(f"test, dtype {DTYPE}\n")
     os.chmod(folder / ".matrix-hpc-complete", 0o644)  # whatever the umask (the CLI's is 077)
     (folder / "model.safetensors").write_bytes(b"x")
     os.chmod(folder / "model.safetensors", weights_mode)
