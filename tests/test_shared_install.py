@@ -91,7 +91,8 @@ def test_an_ordinary_user_runs_code_verify_on_the_cache_root_built(root_cache, u
         assert path.stat().st_uid == 0
         assert user.run(["test", "-w", str(path)]).returncode == 1, path  # read-only for the user
     job, run_dir = _user_job(user, user_dir), user_dir / "run"
-    env = {"MATRIX_HPC_CACHE": str(root_cache)}
+    state = user_dir / "state"  # the user's own folder: vLLM's cache goes there, never in the install
+    env = {"MATRIX_HPC_CACHE": str(root_cache), "MATRIX_HPC_STATE": str(state)}
     r = user.run([sys.executable, "-m", "matrix_hpc.cli", "run", str(job), "-o", str(run_dir), "--json"],
                  env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -100,3 +101,5 @@ def test_an_ordinary_user_runs_code_verify_on_the_cache_root_built(root_cache, u
     assert (summary["done"], summary["failed"], summary["total"]) == (ROWS, 0, ROWS)
     assert RunStore.open(run_dir).status()["done"] == ROWS
     assert run_dir.stat().st_uid == user.uid
+    assert [(p.name, p.stat().st_uid, p.stat().st_mode & 0o777) for p in (state, state / "vllm")] == [
+        ("state", user.uid, 0o700), ("vllm", user.uid, 0o700)]
