@@ -16,7 +16,7 @@ Endpoints = dict[str, dict[str, Any]]  # kind -> name -> endpoint
 
 
 def deploy_all(services: dict[str, dict[str, dict]], base_dir: Path,
-               on_deploy: Callable[[str, str], None] | None = None, *, secret: str | None = None,
+               on_deploy: Callable[[str, str, str], None] | None = None, *, secret: str | None = None,
                tls: TLSPair | None = None, socket_dir: Path | None = None) -> Endpoints:
     """Start every declared service (Ray actors) requiring ``secret`` on every call (over TLS with
     ``tls``; on one machine on Unix sockets in the owner-only ``socket_dir``); stop the ones already
