@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import ray
 from conftest import deadline
-from matrix_hpc.v1 import task_pb2
 from test_resume import cli, kill_session, resume_ok, wait_for_snapshot
 from test_runtime import results
 
 from matrix_hpc import load_job, run
+from matrix_hpc._gen.v1 import task_pb2
 from matrix_hpc.runtime import router as router_mod
 from matrix_hpc.runtime.message import Task, undeliverable
 from matrix_hpc.runtime.router import Router

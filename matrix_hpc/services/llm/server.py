@@ -16,8 +16,8 @@ from typing import Any
 
 import grpc
 
-from matrix_hpc.llm.v1 import llm_pb2 as pb
-from matrix_hpc.llm.v1 import llm_pb2_grpc as pb_grpc
+from matrix_hpc._gen.llm.v1 import llm_pb2 as pb
+from matrix_hpc._gen.llm.v1 import llm_pb2_grpc as pb_grpc
 from matrix_hpc.services.auth import TLSPair
 from matrix_hpc.services.core.listen import tcp_address
 from matrix_hpc.services.core.server import GrpcHost, Health, check_listen
