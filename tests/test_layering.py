@@ -86,6 +86,14 @@ def test_dependencies_run_one_way():
     assert backwards == []
 
 
+def test_job_reads_only_the_list_of_service_kinds():
+    """job/ validates each service entry with the class its kind names (``matrix_hpc.services``) and
+    reaches no further into services/: what both need lives below them (``owner_only``, ``paths``)."""
+    reached = {d for m, deps in import_graph().items() if m.startswith("matrix_hpc.job")
+               for d in deps if d.startswith("matrix_hpc.services")}
+    assert reached == {"matrix_hpc.services"}
+
+
 def test_clients_import_no_server_code():
     graph = import_graph()
     for client in ("matrix_hpc.services.llm.client", "matrix_hpc.services.sandbox.client"):

@@ -21,9 +21,9 @@ from matrix_hpc.job.agents import resolve_agent, resolve_ref
 from matrix_hpc.job.dataset_checks import check_columns, dataset_digest
 from matrix_hpc.job.spec import JobSpec
 from matrix_hpc.job.yamlpos import JobFileError, YamlWithLines
+from matrix_hpc.owner_only import private_folder
 from matrix_hpc.protogen import ProtoCompileError, compile_protos, pool_from_descriptor_set
 from matrix_hpc.services import spec_class
-from matrix_hpc.services.auth import private_folder
 
 GENERATED_DIR = "generated"  # in the run directory: the payload's generated Python modules
 
