@@ -11,7 +11,8 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 from numcodecs import Zstd
-from zarr.core.sync import sync
+
+from matrix_hpc._compat import zarr_sync
 
 _FAST_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}},
                 {"name": "zstd", "configuration": {"level": 1, "checksum": False}}, {"name": "crc32c"}]
@@ -92,5 +93,5 @@ def set_many(writes: list) -> None:
     async def go():
         await asyncio.gather(*(arr.async_array.setitem(sel, val) for arr, sel, val in writes))
 
-    sync(go())
+    zarr_sync(go())
 
