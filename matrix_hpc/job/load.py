@@ -167,7 +167,7 @@ def _check_agents(doc: YamlWithLines, job: Job) -> None:
         if job.spec.payload.builder:
             try:
                 resolve_ref(job.spec.payload.builder)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - any import-time failure is the job's problem to see
                 raise JobFileError(
                     f"{doc.where(('payload', 'builder'))}: cannot load {job.spec.payload.builder!r}: "
                     f"{type(e).__name__}: {e}"

@@ -28,7 +28,7 @@ class PayloadDecoder:
     def __init__(self, descriptor_set: bytes, payload_type: str):
         try:
             self.pool = pool_from_descriptor_set(descriptor_set)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - protobuf's parse and pool errors have no common type
             raise StoreError(f"payload.desc is not a loadable FileDescriptorSet: {e}") from e
         self.payload_type = payload_type
         self._classes: dict[str, type] = {}
