@@ -334,6 +334,37 @@ def test_as_many_hung_sync_steps_as_slots_stall_no_other_row(ray_session, make_j
     assert all(t.status == task_pb2.TASK_STATUS_DONE for row, t in got.items() if row not in ("r0", "r1", "r2"))
 
 
+BLOCKING = """
+import time
+from matrix_hpc import DONE
+
+async def work(item, ctx):
+    time.sleep(3600 if item.n == 0 else 0)  # blocks the actor's event loop: it answers nothing more
+    return DONE
+"""
+
+
+def test_an_actor_that_stops_answering_ends_the_run_with_a_message(ray_session, make_job, monkeypatch, capsys):
+    """The driver's waits are bounded: an agent whose event loop is blocked answers no call; after the
+    bounds (shortened here) the run stops with a message and how to resume, not a hang or a traceback."""
+    from matrix_hpc.cli import main
+    from matrix_hpc.runtime import recovery
+
+    monkeypatch.setattr(recovery, "CALL_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(recovery, "COME_BACK_S", 3.0)
+    job = make_job(BLOCKING, {"work": {"agent": "agents:work"}}, "work", rows=5)
+    umask = os.umask(0o077)
+    try:
+        with deadline(120):
+            code = main(["run", str(job), "--no-progress"])
+    finally:
+        os.umask(umask)
+    err = capsys.readouterr().err
+    assert code == Exit.STOPPED, err
+    assert "stopped: actor(s) " in err and "/work/0 did not answer within 3s" in err
+    assert "matrix-hpc resume " in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("who", ["agent", "sink"])
 def test_an_actor_dying_at_the_very_end_of_a_run_changes_nothing(ray_session, make_job, who, capsys):
     """Killed for good between the last commit and the end-of-run calls (final stats, sink close):

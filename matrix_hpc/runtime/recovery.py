@@ -21,6 +21,8 @@ from matrix_hpc.store import RunStore, StoreError
 log = logging.getLogger("matrix_hpc.runtime.driver")  # one logger for the driver's messages
 
 CALL_TIMEOUT_S = 120.0  # the most the driver waits for an actor's answer to a control call
+COME_BACK_S = 120.0  # the most it waits for a dead or silent actor to answer again
+START_S = 600.0  # the most it waits for the actors of a run to start (resources, imports of the job's code)
 ACTOR_TROUBLE = (RayActorError, GetTimeoutError)  # dead, restarting, or not answering in time
 
 
@@ -28,9 +30,10 @@ class ActorsLost(RuntimeError):
     """Actors of the run died for good or stopped answering; the run cannot go on."""
 
 
-def get(refs, timeout: float = CALL_TIMEOUT_S):
-    """``ray.get`` with a bound: every wait of the driver on an actor ends (``GetTimeoutError``)."""
-    return ray.get(refs, timeout=timeout)
+def get(refs, timeout: float | None = None):
+    """``ray.get`` with a bound (``CALL_TIMEOUT_S`` unless given): every wait of the driver on an
+    actor ends (``GetTimeoutError``)."""
+    return ray.get(refs, timeout=CALL_TIMEOUT_S if timeout is None else timeout)
 
 
 class Recovery:
@@ -45,7 +48,11 @@ class Recovery:
         self.names = names
         self.last_state = last_state  # task id -> message at the last checkpoint (or restore)
         self.event = event
-        self.incarnations = dict(zip(actors, get([a.ping.remote() for a in actors]), strict=True))
+        try:
+            self.incarnations = dict(zip(actors, get([a.ping.remote() for a in actors], START_S), strict=True))
+        except GetTimeoutError:
+            raise ActorsLost(f"the run's actors did not start within {START_S:.0f}s (does the cluster have the CPUs "
+                             f"and GPUs the roles ask for, num_cpus and num_gpus?)") from None
         self.recovered = self.checkpoints = self.checkpoint_failures = self.actor_restarts = 0
 
     def cut(self, while_paused=None) -> tuple[list[str], dict[str, bytes]]:
@@ -113,10 +120,11 @@ class Recovery:
             log.warning("the source died during a checkpoint; recovering")
         return len(messages)
 
-    def _wait_alive(self, timeout: float = 120) -> list:
-        """Ping every actor until all answer (restarting ones take a moment); return the ones
-        that came back as a new incarnation, having lost what they held."""
+    def _wait_alive(self) -> list:
+        """Ping every actor until all answer (restarting ones take a moment, ``COME_BACK_S`` at most);
+        return the ones that came back as a new incarnation, having lost what they held."""
         changed, pending = [], list(self.actors)
+        timeout = COME_BACK_S
         end = time.monotonic() + timeout
         while pending:
             refs = {a.ping.remote(): a for a in pending}
@@ -135,7 +143,8 @@ class Recovery:
             if pending:
                 if time.monotonic() > end:
                     names = ", ".join(self.names.get(a, "?") for a in pending)
-                    raise ActorsLost(f"actor(s) {names} did not come back within {timeout:.0f}s")
+                    raise ActorsLost(f"actor(s) {names} did not answer within {timeout:.0f}s (dead for good, or "
+                                     f"an event loop blocked: an async agent calling blocking code?)")
                 time.sleep(0.2)
         return changed
 
