@@ -246,7 +246,7 @@ class LLMServicer(pb_grpc.LLMServicer):
             await self._fail(context, e)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - logged by _fail, and the call ends with INTERNAL
             await self._fail(context, e)
         finally:
             self.in_flight -= 1
@@ -286,7 +286,7 @@ class LLMServicer(pb_grpc.LLMServicer):
             await self._fail(context, e)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - logged by _fail, and the call ends with INTERNAL
             await self._fail(context, e)
         finally:
             self.in_flight -= 1
