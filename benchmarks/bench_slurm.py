@@ -25,8 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from matrix_hpc.v1 import task_pb2  # noqa: E402
-
+from matrix_hpc._gen.v1 import task_pb2  # noqa: E402
 from matrix_hpc.store import RunStore  # noqa: E402
 
 print = functools.partial(print, flush=True)  # noqa: A001 - figures appear as they come

@@ -19,8 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from matrix_hpc.v1 import task_pb2
-
+from matrix_hpc._gen.v1 import task_pb2
 from matrix_hpc.store import DONE, RunStore
 
 WORDS = ("the a model answer question step teacher student because therefore compute value result "

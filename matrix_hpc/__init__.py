@@ -6,15 +6,9 @@ receives beside the payload), ``DONE`` (the role that ends a task), ``load_job``
 
 from __future__ import annotations
 
-import os as _os
 from typing import TYPE_CHECKING
 
-# Generated protobuf code lives in matrix_hpc/_gen/matrix_hpc/... and imports itself as
-# ``matrix_hpc.v1.task_pb2``; extending our package path makes those imports resolve
-# without rewriting generated files.
-__path__.append(_os.path.join(_os.path.dirname(__file__), "_gen", "matrix_hpc"))  # noqa: F821
-
-from matrix_hpc.job.spec import DONE  # noqa: E402 - after the path extension above
+from matrix_hpc.job.spec import DONE
 
 if TYPE_CHECKING:  # visible to type checkers; imported on first use (Ray is slow to import)
     from matrix_hpc.job.load import load_job

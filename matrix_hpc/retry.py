@@ -5,6 +5,8 @@ on attempts, and a line in the log for every retry. Built on tenacity.
     async for attempt in retrying(attempts=3, base_s=0.05, retry_on=is_transient, what="LLM chat"):
         with attempt:
             return await call()
+
+``retrying_sync`` is the same policy for blocking code (``for attempt in retrying_sync(...)``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import random
 import time
 from collections.abc import Callable
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception
 
 log = logging.getLogger("matrix_hpc.retry")
 
@@ -34,6 +36,20 @@ def retrying(*, attempts: int, base_s: float, retry_on: Callable[[BaseException]
     replicas), trying the next one at once in between. ``deadline`` (``time.monotonic()``): no
     wait runs past it and no attempt starts after it. The last exception is re-raised as it is.
     """
+    return AsyncRetrying(**_policy(attempts=attempts, base_s=base_s, retry_on=retry_on, cap_s=cap_s, jitter=jitter,
+                                   deadline=deadline, every=every, what=what, logger=logger))
+
+
+def retrying_sync(*, attempts: int, base_s: float, retry_on: Callable[[BaseException], bool], cap_s: float = 2.0,
+                  jitter: bool = True, deadline: float | None = None, every: int = 1, what: str = "call",
+                  logger: logging.Logger = log) -> Retrying:
+    """``retrying`` for blocking code: ``for attempt in retrying_sync(...): with attempt: ...``."""
+    return Retrying(**_policy(attempts=attempts, base_s=base_s, retry_on=retry_on, cap_s=cap_s, jitter=jitter,
+                              deadline=deadline, every=every, what=what, logger=logger))
+
+
+def _policy(*, attempts: int, base_s: float, retry_on: Callable[[BaseException], bool], cap_s: float, jitter: bool,
+            deadline: float | None, every: int, what: str, logger: logging.Logger) -> dict:
 
     def wait(state: RetryCallState) -> float:
         failures = state.attempt_number
@@ -50,6 +66,6 @@ def retrying(*, attempts: int, base_s: float, retry_on: Callable[[BaseException]
         logger.info("%s: attempt %d of %d failed (%s: %s); retrying in %.2fs", what, state.attempt_number,
                     attempts, type(e).__name__, e, state.upcoming_sleep)
 
-    return AsyncRetrying(stop=stop, wait=wait, retry=retry_if_exception(retry_on), before_sleep=before_sleep,
-                         reraise=True)
+    return {"stop": stop, "wait": wait, "retry": retry_if_exception(retry_on), "before_sleep": before_sleep,
+            "reraise": True}
 

@@ -76,3 +76,23 @@ def test_no_attempt_starts_after_the_deadline():
 def test_backoff_doubles_up_to_the_cap():
     assert [backoff_s(n, base_s=0.5, cap_s=3.0, jitter=False) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 3.0]
     assert all(0.25 <= backoff_s(1, base_s=0.5) <= 0.75 for _ in range(50))
+
+
+def test_the_same_policy_retries_blocking_code(caplog):
+    from matrix_hpc.retry import retrying_sync
+
+    calls = []
+    caplog.set_level(logging.INFO, logger="matrix_hpc.retry")
+    for attempt in retrying_sync(attempts=3, base_s=0, retry_on=lambda e: isinstance(e, OSError), what="start"):
+        with attempt:
+            calls.append(1)
+            if len(calls) < 3:
+                raise OSError(f"try {len(calls)}")
+    assert len(calls) == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        "start: attempt 1 of 3 failed (OSError: try 1); retrying in 0.00s",
+        "start: attempt 2 of 3 failed (OSError: try 2); retrying in 0.00s"]
+    with pytest.raises(OSError, match="try 2"):
+        for attempt in retrying_sync(attempts=2, base_s=0, retry_on=lambda e: True):
+            with attempt:
+                raise OSError(f"try {attempt.retry_state.attempt_number}")

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import deadline
-from matrix_hpc.v1 import task_pb2
 
 from matrix_hpc import load_job, run
+from matrix_hpc._gen.v1 import task_pb2
 from matrix_hpc.job.dataset import iter_rows
 from matrix_hpc.job.dataset_checks import DIGEST_CACHE
 from matrix_hpc.job.load import JobFileError

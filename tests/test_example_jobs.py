@@ -14,9 +14,9 @@ from pathlib import Path
 
 import yaml
 from conftest import deadline
-from matrix_hpc.v1 import task_pb2
 
 from matrix_hpc import load_job, run
+from matrix_hpc._gen.v1 import task_pb2
 from matrix_hpc.store import RunStore
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"

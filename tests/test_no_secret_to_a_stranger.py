@@ -23,8 +23,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from matrix_hpc.llm.v1 import llm_pb2 as pb
 
+from matrix_hpc._gen.llm.v1 import llm_pb2 as pb
 from matrix_hpc.runtime.security import LocalRay
 from matrix_hpc.services import auth
 from matrix_hpc.services.llm import LLMSpec, ServiceError, deploy
@@ -39,7 +39,7 @@ import json, os, socket, sys
 from concurrent import futures
 import grpc
 from grpc_health.v1 import health_pb2
-from matrix_hpc.llm.v1 import llm_pb2 as pb
+from matrix_hpc._gen.llm.v1 import llm_pb2 as pb
 from matrix_hpc.services import auth
 
 address, log_path, cert_path = sys.argv[1:4]

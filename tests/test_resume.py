@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 from conftest import deadline
-from matrix_hpc.v1 import task_pb2
 from test_runtime import results
 
 from matrix_hpc import load_job, run
+from matrix_hpc._gen.v1 import task_pb2
 from matrix_hpc.runtime.driver import ResumeRefused
 from matrix_hpc.store import RunStore
 

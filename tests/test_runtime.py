@@ -10,9 +10,9 @@ from collections import Counter
 import pytest
 from conftest import deadline
 from google.protobuf import message_factory
-from matrix_hpc.v1 import task_pb2
 
 from matrix_hpc import load_job, run
+from matrix_hpc._gen.v1 import task_pb2
 from matrix_hpc.protogen import pool_from_descriptor_set
 from matrix_hpc.services.llm import LLMSpec, deploy
 from matrix_hpc.store import RunStore

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 from conftest import PROTO
-from matrix_hpc.v1 import task_pb2
 
+from matrix_hpc._gen.v1 import task_pb2
 from matrix_hpc.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]

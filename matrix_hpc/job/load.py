@@ -21,9 +21,9 @@ from matrix_hpc.job.agents import resolve_agent, resolve_ref
 from matrix_hpc.job.dataset_checks import check_columns, dataset_digest
 from matrix_hpc.job.spec import JobSpec
 from matrix_hpc.job.yamlpos import JobFileError, YamlWithLines
+from matrix_hpc.owner_only import private_folder
 from matrix_hpc.protogen import ProtoCompileError, compile_protos, pool_from_descriptor_set
 from matrix_hpc.services import spec_class
-from matrix_hpc.services.auth import private_folder
 
 GENERATED_DIR = "generated"  # in the run directory: the payload's generated Python modules
 
@@ -167,7 +167,7 @@ def _check_agents(doc: YamlWithLines, job: Job) -> None:
         if job.spec.payload.builder:
             try:
                 resolve_ref(job.spec.payload.builder)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - any import-time failure is the job's problem to see
                 raise JobFileError(
                     f"{doc.where(('payload', 'builder'))}: cannot load {job.spec.payload.builder!r}: "
                     f"{type(e).__name__}: {e}"

@@ -10,10 +10,10 @@ import asyncio
 import inspect
 import logging
 import sys
+import threading
 import time
 import uuid
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 
 from google.protobuf import descriptor_pool, message_factory
 
@@ -60,6 +60,36 @@ def payload_class(job: Job) -> type:
     return message_factory.GetMessageClass(desc)
 
 
+def _in_own_thread(fn, *args, name: str) -> tuple[asyncio.Future, threading.Thread]:
+    """Run ``fn(*args)`` in a new daemon thread; the future (of the running loop) gets its outcome.
+    Cancelling the future (a timeout) leaves the thread running, and its outcome is dropped."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(value, error) -> None:
+        if future.done():  # cancelled by the step's timeout
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+    def target() -> None:
+        value, error = None, None
+        try:
+            value = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting step, which records it
+            error = e
+        try:
+            loop.call_soon_threadsafe(settle, value, error)
+        except RuntimeError:  # the loop is closed: the actor is stopping and nobody waits for it
+            pass
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    return future, thread
+
+
 class ActorBase:
     """What every runtime actor shares: identity, routing, pause/collect/resume for snapshots."""
 
@@ -98,8 +128,7 @@ class AgentActor(ActorBase):
         self.latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
         self.started: dict[str, tuple[int, float]] = {}  # task id -> (step, start) of running steps
         self.reported_slow: set[tuple[str, int]] = set()
-        # Synchronous agents run here: as many threads as steps may run at once.
-        self.pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"{role}-step")
+        self.abandoned: set[threading.Thread] = set()  # threads of sync steps that ran past their timeout
 
     async def deliver(self, items: list) -> int:
         self.inbox.extend(await resolve(items))
@@ -189,12 +218,14 @@ class AgentActor(ActorBase):
         return waited + pause
 
     async def _call(self, payload, ctx: Context):
-        """One try of the step; a synchronous agent runs in the thread pool, so that its timeout
-        holds and it does not stall the other steps of this actor."""
+        """One try of the step; a synchronous agent runs in a thread of its own, so that its timeout
+        holds, it does not stall the other steps of this actor, and a step that hangs past its
+        timeout holds no slot another step needs (its thread is abandoned: Python cannot stop it)."""
+        thread = None
         if inspect.iscoroutinefunction(self.step_fn):
             result = self.step_fn(payload, ctx)
         else:
-            result = asyncio.get_running_loop().run_in_executor(self.pool, self.step_fn, payload, ctx)
+            result, thread = _in_own_thread(self.step_fn, payload, ctx, name=f"{self.role}-step-{ctx.task_id}")
         if not inspect.isawaitable(result):
             return result
         limit = asyncio.timeout(self.timeout)
@@ -206,9 +237,17 @@ class AgentActor(ActorBase):
         except TimeoutError:
             if not limit.expired():  # the agent's own TimeoutError (a call of its that timed out)
                 raise
+            if thread is not None and thread.is_alive():
+                self._abandon(thread)
             raise StepTimeout(f"step {ctx.step} of role {self.role!r} ran past its limit of "
                               f"{self.timeout:g}s (roles.{self.role}.step_timeout_s)") from None
         return result
+
+    def _abandon(self, thread: threading.Thread) -> None:
+        self.abandoned = {t for t in self.abandoned if t.is_alive()} | {thread}
+        self.logger.warning("role %s: %s ran past its timeout and still runs; the step fails and its slot goes to "
+                            "the next one (%d such thread(s) alive in this actor)", self.role, thread.name,
+                            len(self.abandoned))
 
     def slow_steps(self) -> list[dict]:
         """Steps running far past this role's usual latency (each reported once)."""
@@ -232,6 +271,7 @@ class AgentActor(ActorBase):
         out = {
             "incarnation": self.incarnation, "role": self.role, "inbox": len(self.inbox),
             "active": len(self.active), "steps": self.steps,
+            "step_timeout_s": self.timeout, "abandoned_threads": sum(t.is_alive() for t in self.abandoned),
             "send_retries": self.router.send_retries,
             "sent_batches": self.router.sent_batches, "sent_messages": self.router.sent_messages,
         }

@@ -73,6 +73,7 @@ def _execute(job_path: Path, run_dir: Path | None, args: argparse.Namespace) -> 
     from matrix_hpc.job.load import load_job
     from matrix_hpc.runtime.driver import run
     from matrix_hpc.runtime.preflight import PreflightError, ResumeRefused, preflight
+    from matrix_hpc.runtime.recovery import ActorsLost
     from matrix_hpc.runtime.security import CredentialError, RunDirRefused
 
     try:
@@ -89,6 +90,10 @@ def _execute(job_path: Path, run_dir: Path | None, args: argparse.Namespace) -> 
     except (ResumeRefused, RunDirRefused, CredentialError) as e:
         print(f"error: {e}", file=sys.stderr)
         return Exit.USAGE
+    except ActorsLost as e:
+        print(f"stopped: {e}\ncommitted rows are kept; tasks in flight restart from the last checkpoint: "
+              f"matrix-hpc resume {job.run_dir}", file=sys.stderr)
+        return Exit.STOPPED
     _print_summary(summary, as_json=args.json)
     return summary.exit_status
 

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import ray
-from ray.exceptions import RayActorError
 
 from matrix_hpc.job.dataset import count_rows
 from matrix_hpc.job.load import Job, load_job
@@ -31,7 +30,7 @@ from matrix_hpc.runtime.preflight import (  # noqa: F401 - ResumeRefused re-expo
 )
 from matrix_hpc.runtime.proctitle import titled
 from matrix_hpc.runtime.progress import Terminal, describe_actors, percentiles
-from matrix_hpc.runtime.recovery import Recovery
+from matrix_hpc.runtime.recovery import ACTOR_TROUBLE, Recovery, get
 from matrix_hpc.runtime.security import (
     LocalRay,
     prepare_run_dir,
@@ -49,6 +48,7 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 0.1
 _HEALTH_S = 1.0
+CLOSE_TIMEOUT_S = 600.0  # a sink's last commit, retries included (sink.COMMIT_RETRIES)
 
 
 
@@ -244,7 +244,7 @@ class _Run:
                 if previous is not None:
                     signal.signal(signal.SIGUSR2, previous)
             latency, counts = self._role_stats()
-            finals = ray.get([s.close.remote() for s in self.sinks])
+            finals = self._close_sinks()
         finally:
             for a in self.actors:
                 ray.kill(a, no_restart=True)
@@ -291,13 +291,14 @@ class _Run:
         that stops the run ("stopped"); the last two after a checkpoint."""
         progress = self.term.progress(self.store.total_tasks, already)
         started = time.monotonic()
-        ray.get(self.source.start.remote())
+        get(self.source.start.remote())
         last_checkpoint = last_health = time.monotonic()
         try:
             while True:
                 try:
-                    src, *sinks = ray.get([self.source.stats.remote(), *[s.stats.remote() for s in self.sinks]])
-                except RayActorError:
+                    src, *sinks = get([self.source.stats.remote(), *[s.stats.remote() for s in self.sinks]])
+                except ACTOR_TROUBLE as e:
+                    log.warning("the source or a sink did not answer (%s); checking the actors", type(e).__name__)
                     self.recovery.recover_if_needed()
                     continue
                 for sink, st in zip(self.sinks, sinks, strict=True):  # a restarted sink counts from zero
@@ -352,8 +353,8 @@ class _Run:
         for role, pool in self.agents.items():
             for actor, ref in [(a, a.stats.remote(slow=True)) for a in pool]:
                 try:
-                    st = ray.get(ref)
-                except RayActorError:
+                    st = get(ref)
+                except ACTOR_TROUBLE:  # the health check recovers it
                     continue
                 self.agent_stats[(self.names[actor], st["incarnation"])] = st
                 for slow in st.get("slow", []):
@@ -362,13 +363,37 @@ class _Run:
                     self._event("slow_step", role=role, **slow)
 
     def _role_stats(self) -> tuple[dict[str, dict[str, float]], dict[str, list[int]]]:
+        """Step latencies and counts by role. An agent that died (or stopped answering) at the very
+        end adds no latencies; its steps are counted as of its last report."""
         latency, counts = {}, {}
         for role, pool in self.agents.items():
-            stats = ray.get([a.stats.remote(latencies=True) for a in pool])
-            for actor, st in zip(pool, stats, strict=True):
+            stats = []
+            for actor, ref in [(a, a.stats.remote(latencies=True)) for a in pool]:
+                try:
+                    st = get(ref)
+                except ACTOR_TROUBLE as e:
+                    log.warning("agent %s did not report its final stats (%s); its step counts are those of its "
+                                "last report", self.names[actor], type(e).__name__)
+                    continue
                 self.agent_stats[(self.names[actor], st["incarnation"])] = st
+                stats.append(st)
             latency[role] = percentiles([x for st in stats for x in st["latencies"]])
             # steps of every incarnation, a dead one's included
             counts[role] = [sum(st["steps"] for (name, _), st in self.agent_stats.items() if name == n)
                             for n in (self.names[a] for a in pool)]
         return latency, counts
+
+    def _close_sinks(self) -> list[dict]:
+        """Each sink commits what it still buffers and reports its counts. A sink that dies here
+        loses nothing: a finished run has committed every row, and an interrupted one checkpointed
+        what the sinks held; its counts are those of its last report."""
+        finals = []
+        for sink, ref in [(s, s.close.remote()) for s in self.sinks]:
+            try:
+                finals.append(get(ref, timeout=CLOSE_TIMEOUT_S))
+            except ACTOR_TROUBLE as e:
+                log.warning("sink %s did not close (%s); its counts are those of its last report",
+                            self.names[sink], type(e).__name__)
+                last = [st for (name, _), st in self.sink_stats.items() if name == self.names[sink]]
+                finals.append(last[-1] if last else {})
+        return finals

@@ -9,9 +9,9 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from matrix_hpc._gen.v1 import task_pb2
 from matrix_hpc.job.dataset import RowError, row_failure
 from matrix_hpc.job.spec import DONE
-from matrix_hpc.v1 import task_pb2
 
 Task = task_pb2.Task
 RUNNING, DONE_STATUS, FAILED = task_pb2.TASK_STATUS_RUNNING, task_pb2.TASK_STATUS_DONE, task_pb2.TASK_STATUS_FAILED

@@ -4,7 +4,9 @@ file instead of the driver's terminal.
 Ray prints both through ``ray._private.worker``: the log lines through a handler of its
 stdstream dispatcher, the error messages through ``print_to_stdstream``. Ray has no public
 switch that sends them to a file, so this swaps those two for the time of a run and puts
-them back afterwards. If a later Ray renames them, nothing is swapped and Ray prints as usual.
+them back afterwards (the borrowed names are reached through ``matrix_hpc._compat``, whose
+test fails when a Ray upgrade renames them). If a later Ray renames them, nothing is swapped
+and Ray prints as usual.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import re
 import threading
 from collections.abc import Callable
 from typing import TextIO
+
+from matrix_hpc._compat import ray_worker_module
 
 _HANDLER = "ray_print_logs"
 _WARNING_LINE = re.compile(r"^\s*(\(.*?\)\s*)?(WARNING|ERROR|CRITICAL)\b|Traceback \(most recent call last\)")
@@ -27,8 +31,7 @@ class RayOutputToFile:
 
     def install(self) -> None:
         try:
-            import ray._private.worker as worker
-
+            worker = ray_worker_module()
             dispatcher = worker.global_worker_stdstream_dispatcher
             handler = dict(dispatcher.handlers).get(_HANDLER)
             printer = worker.print_to_stdstream

@@ -12,13 +12,28 @@ import time
 from collections.abc import Callable
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from matrix_hpc.runtime.message import Task
 from matrix_hpc.runtime.sink import describe_write_error
 from matrix_hpc.store import RunStore, StoreError
 
 log = logging.getLogger("matrix_hpc.runtime.driver")  # one logger for the driver's messages
+
+CALL_TIMEOUT_S = 120.0  # the most the driver waits for an actor's answer to a control call
+COME_BACK_S = 120.0  # the most it waits for a dead or silent actor to answer again
+START_S = 600.0  # the most it waits for the actors of a run to start (resources, imports of the job's code)
+ACTOR_TROUBLE = (RayActorError, GetTimeoutError)  # dead, restarting, or not answering in time
+
+
+class ActorsLost(RuntimeError):
+    """Actors of the run died for good or stopped answering; the run cannot go on."""
+
+
+def get(refs, timeout: float | None = None):
+    """``ray.get`` with a bound (``CALL_TIMEOUT_S`` unless given): every wait of the driver on an
+    actor ends (``GetTimeoutError``)."""
+    return ray.get(refs, timeout=CALL_TIMEOUT_S if timeout is None else timeout)
 
 
 class Recovery:
@@ -33,7 +48,11 @@ class Recovery:
         self.names = names
         self.last_state = last_state  # task id -> message at the last checkpoint (or restore)
         self.event = event
-        self.incarnations = dict(zip(actors, ray.get([a.ping.remote() for a in actors]), strict=True))
+        try:
+            self.incarnations = dict(zip(actors, get([a.ping.remote() for a in actors], START_S), strict=True))
+        except GetTimeoutError:
+            raise ActorsLost(f"the run's actors did not start within {START_S:.0f}s (does the cluster have the CPUs "
+                             f"and GPUs the roles ask for, num_cpus and num_gpus?)") from None
         self.recovered = self.checkpoints = self.checkpoint_failures = self.actor_restarts = 0
 
     def cut(self, while_paused=None) -> tuple[list[str], dict[str, bytes]]:
@@ -44,22 +63,22 @@ class Recovery:
         for _ in range(10):
             actors = self.actors
             try:
-                ray.get([a.pause.remote() for a in actors])
-                src, *rest = ray.get([a.collect.remote() for a in actors])
+                get([a.pause.remote() for a in actors])
+                src, *rest = get([a.collect.remote() for a in actors])
                 outstanding, held = src["outstanding"], self._furthest([*src["pending"], *(d for p in rest for d in p)])
                 if while_paused is not None:
                     while_paused(outstanding, held)
-                ray.get([a.resume.remote() for a in actors])
+                get([a.resume.remote() for a in actors])
                 return outstanding, held
-            except RayActorError:
+            except ACTOR_TROUBLE:
                 # An actor died during the cut: let the others go on, wait for it, cut again.
                 for ref in [a.resume.remote() for a in actors]:
                     try:
-                        ray.get(ref)
-                    except RayActorError:
+                        get(ref)
+                    except ACTOR_TROUBLE:
                         pass
                 self._handle_restarts(self._wait_alive(), recover=False)
-        raise RuntimeError("could not take a consistent snapshot: actors keep dying")
+        raise ActorsLost("could not take a consistent snapshot: actors keep dying")
 
     @staticmethod
     def _furthest(messages: list[bytes]) -> dict[str, bytes]:
@@ -86,7 +105,7 @@ class Recovery:
             self.event("checkpoint_failed", tasks=len(messages), error=error)
             try:
                 self._reinject_lost(outstanding, held)
-            except RayActorError:
+            except ACTOR_TROUBLE:
                 log.warning("the source died during a checkpoint; recovering")
             return -1
         seconds = time.monotonic() - t0
@@ -95,16 +114,17 @@ class Recovery:
         log.info("checkpoint: %d task(s) in flight saved in %.2fs", len(messages), seconds)
         self.event("checkpoint", tasks=len(messages), bytes=sum(map(len, messages)), seconds=round(seconds, 3))
         try:
-            ray.get(self.source.remember.remote(messages))
+            get(self.source.remember.remote(messages))
             self._reinject_lost(outstanding, held)
-        except RayActorError:  # the source died just now: the next health check hands the run back to it
+        except ACTOR_TROUBLE:  # the source died just now: the next health check hands the run back to it
             log.warning("the source died during a checkpoint; recovering")
         return len(messages)
 
-    def _wait_alive(self, timeout: float = 120) -> list:
-        """Ping every actor until all answer (restarting ones take a moment); return the ones
-        that came back as a new incarnation, having lost what they held."""
+    def _wait_alive(self) -> list:
+        """Ping every actor until all answer (restarting ones take a moment, ``COME_BACK_S`` at most);
+        return the ones that came back as a new incarnation, having lost what they held."""
         changed, pending = [], list(self.actors)
+        timeout = COME_BACK_S
         end = time.monotonic() + timeout
         while pending:
             refs = {a.ping.remote(): a for a in pending}
@@ -113,7 +133,7 @@ class Recovery:
             for ref in ready:
                 actor = refs[ref]
                 try:
-                    incarnation = ray.get(ref)
+                    incarnation = get(ref)
                 except RayActorError:
                     pending.append(actor)
                     continue
@@ -123,7 +143,8 @@ class Recovery:
             if pending:
                 if time.monotonic() > end:
                     names = ", ".join(self.names.get(a, "?") for a in pending)
-                    raise RuntimeError(f"actor(s) {names} did not come back within {timeout:.0f}s")
+                    raise ActorsLost(f"actor(s) {names} did not answer within {timeout:.0f}s (dead for good, or "
+                                     f"an event loop blocked: an async agent calling blocking code?)")
                 time.sleep(0.2)
         return changed
 
@@ -150,7 +171,7 @@ class Recovery:
             in_flight = {tid: m for tid, m in held.items() if tid not in committed}
             restore = {tid: m for tid, m in self.last_state.items() if tid not in committed and tid not in in_flight}
             skip = set(committed) | set(in_flight) | set(restore)
-            ray.get(self.source.adopt.remote(list(in_flight.values()), list(restore.values()), list(skip)))
+            get(self.source.adopt.remote(list(in_flight.values()), list(restore.values()), list(skip)))
             self.recovered += len(restore)
             log.warning("source restarted: %d task(s) in flight taken over, %d restored from the last checkpoint",
                         len(in_flight), len(restore))
@@ -164,6 +185,6 @@ class Recovery:
             lost = [tid for tid in lost if tid not in committed]
         if lost:
             log.warning("re-sending %d task(s) lost with a dead actor, from their last known state", len(lost))
-            n = ray.get(self.source.reinject.remote(lost))
+            n = get(self.source.reinject.remote(lost))
             self.recovered += n
             self.event("recovered", tasks=n)

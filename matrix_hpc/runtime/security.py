@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 from matrix_hpc import fate
+from matrix_hpc._compat import RAY_LOCAL_ONLY_ENV, reload_ray_auth_config, set_ray_local_only
 from matrix_hpc.services.auth import CredentialError, TLSPair, private_folder, secret_file, tls_pair
 from matrix_hpc.services.core.listen import CLUSTER_ENV
 
@@ -127,14 +128,6 @@ def ray_token_env(run_dir: str | Path) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_token_path(run_dir))}
 
 
-def _reload_ray_auth_config() -> None:
-    """Make this process see the RAY_AUTH_* variables just set (Ray caches its config and the token)."""
-    from ray._raylet import AuthenticationTokenLoader, Config
-
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
-
-
 def use_cluster_token(run_dir: str | Path) -> None:
     """Before connecting to an existing cluster (RAY_ADDRESS): authenticate with the run's token, unless
     the environment already says how (RAY_AUTH_MODE / RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)."""
@@ -143,7 +136,7 @@ def use_cluster_token(run_dir: str | Path) -> None:
             log.warning("RAY_AUTH_MODE=disabled: this Ray cluster accepts anyone who can reach it")
         return
     os.environ.update(ray_token_env(run_dir))
-    _reload_ray_auth_config()
+    reload_ray_auth_config()
 
 
 class LocalRay:
@@ -169,12 +162,11 @@ class LocalRay:
 
     def start(self) -> None:
         import ray
-        from ray._private import ray_constants
 
         self._clear_leftovers()
         saved = (*_RAY_AUTH_VARS, fate.OWNER_VAR, RUN_TMP_VAR, *RAY_METRICS_OFF)
         self.saved_env = {k: os.environ.get(k) for k in saved}
-        self.saved_cluster_flag = ray_constants.ENABLE_RAY_CLUSTER
+        self.saved_local_only = set_ray_local_only(True)  # read by ray.init in this process; children read the env
         try:
             # Short (Unix socket paths are limited to 107 bytes), random and 0700, so nobody can plant or
             # read it. Ray makes its own temp folder 0777: that one goes one level down.
@@ -183,10 +175,9 @@ class LocalRay:
             self.watchdog = fate.Watchdog(owner, self.temp_dir)  # before the mark is in our environment
             self._record(owner)
             os.environ.pop("RAY_AUTH_TOKEN", None)
-            os.environ.update({**ray_token_env(self.run_dir), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            os.environ.update({**ray_token_env(self.run_dir), RAY_LOCAL_ONLY_ENV: "0",
                                fate.OWNER_VAR: owner, RUN_TMP_VAR: str(self.temp_dir), **RAY_METRICS_OFF})
-            ray_constants.ENABLE_RAY_CLUSTER = False  # read by ray.init in this process; children read the env
-            _reload_ray_auth_config()
+            reload_ray_auth_config()
             ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=str(self.temp_dir / "r"),
                      **self.init_kwargs)
         except BaseException:
@@ -202,7 +193,6 @@ class LocalRay:
 
     def stop(self) -> None:
         import ray
-        from ray._private import ray_constants
 
         if ray.is_initialized():
             ray.shutdown()
@@ -210,13 +200,13 @@ class LocalRay:
             self.watchdog.close()
             self.watchdog = None
             self._record_path().unlink(missing_ok=True)
-        ray_constants.ENABLE_RAY_CLUSTER = self.saved_cluster_flag
+        set_ray_local_only(self.saved_local_only)
         for k, v in self.saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        _reload_ray_auth_config()
+        reload_ray_auth_config()
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = None

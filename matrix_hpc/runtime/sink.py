@@ -19,7 +19,7 @@ from ray.exceptions import RayActorError
 
 from matrix_hpc import fate
 from matrix_hpc.job.load import Job
-from matrix_hpc.retry import backoff_s
+from matrix_hpc.retry import retrying
 from matrix_hpc.runtime.agent_actor import ActorBase
 from matrix_hpc.runtime.message import DONE_STATUS, Task
 from matrix_hpc.runtime.router import Directory, resolve
@@ -132,23 +132,30 @@ class SinkActor(ActorBase):
 
     async def _commit(self, batch: list[Row]) -> bool:
         """Write ``batch`` durably, retrying a failed write; False if it kept failing."""
-        for attempt in range(COMMIT_RETRIES + 1):
-            try:
-                await asyncio.to_thread(self._write, batch)
-                return True
-            except Exception as e:  # noqa: BLE001 - OSError, StoreError, or zarr's own: the rows stay here
-                error = describe_write_error(e, self.run_dir, sum(len(r[3]) for r in batch))
-                self.writer = None  # rebuilt from what is on disk before the next try
-                if attempt == COMMIT_RETRIES:
-                    self.commit_error = f"commit of {len(batch)} row(s) to {self.run_dir} failed: {error}"
-                    log.error("%s; giving up after %d tries", self.commit_error, attempt + 1)
-                    return False
-                self.commit_retries += 1
-                wait = backoff_s(attempt + 1, base_s=COMMIT_BACKOFF_S, jitter=False)
-                log.warning("commit of %d row(s) failed (%s); retry %d/%d in %.1fs",
-                            len(batch), error, attempt + 1, COMMIT_RETRIES, wait)
-                await asyncio.sleep(wait)
-        return False
+        tries = 0
+        try:
+            # OSError, StoreError, or zarr's own: every failure is retried; the rows stay here meanwhile
+            async for attempt in retrying(attempts=COMMIT_RETRIES + 1, base_s=COMMIT_BACKOFF_S, jitter=False,
+                                          retry_on=lambda e: isinstance(e, Exception), logger=log,
+                                          what=f"commit of {len(batch)} row(s) to {self.run_dir}"):
+                with attempt:
+                    tries += 1
+                    await self._write_or_forget_writer(batch)
+            return True
+        except Exception as e:  # noqa: BLE001 - reported to the driver, which stops the run cleanly
+            error = describe_write_error(e, self.run_dir, sum(len(r[3]) for r in batch))
+            self.commit_error = f"commit of {len(batch)} row(s) to {self.run_dir} failed: {error}"
+            log.error("%s; giving up after %d tries", self.commit_error, tries)
+            return False
+        finally:
+            self.commit_retries += max(0, tries - 1)
+
+    async def _write_or_forget_writer(self, batch: list[Row]) -> None:
+        try:
+            await asyncio.to_thread(self._write, batch)
+        except BaseException:
+            self.writer = None  # rebuilt from what is on disk before the next try
+            raise
 
     def _write(self, batch: list[Row]) -> None:
         rows = batch

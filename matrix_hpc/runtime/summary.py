@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from matrix_hpc.v1 import task_pb2
+from matrix_hpc._gen.v1 import task_pb2
 
 
 class Exit:

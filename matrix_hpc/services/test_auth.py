@@ -13,8 +13,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from matrix_hpc.llm.v1 import llm_pb2 as pb
-from matrix_hpc.llm.v1 import llm_pb2_grpc as pb_grpc
+from matrix_hpc._gen.llm.v1 import llm_pb2 as pb
+from matrix_hpc._gen.llm.v1 import llm_pb2_grpc as pb_grpc
 from matrix_hpc.services import auth
 from matrix_hpc.services.llm import LLMEndpoint, LLMSpec, ServiceError
 from matrix_hpc.services.llm.background import BackgroundServer

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from matrix_hpc.retry import retrying_sync
+
 log = logging.getLogger("matrix_hpc.slurm")
 
 _POLL_S = 0.2
@@ -179,25 +181,32 @@ def attempt_dir(run_dir: Path, node: Node) -> Path:
 def start_head(node: Node, adir: Path, extra_args: list[str], timeout: float) -> tuple[RayNode, str]:
     """Start the head on this node and connect this process to it as the driver; return its address.
     A start that fails (Ray gives a node 30 s to register, which a loaded machine can miss) is retried."""
-    for attempt in range(1, START_ATTEMPTS + 1):
-        ray_node = RayNode(node, adir, extra_args)
-        try:
-            address = _start_and_connect(ray_node, node, timeout)
-        except Exception as e:  # noqa: BLE001 - retried, then reported with the node's log
-            import ray
+    ray_node = RayNode(node, adir, extra_args)
+    try:
+        # whatever failed (`ray start`, the port, ray.init) is retried, then reported with the node's log
+        for attempt in retrying_sync(attempts=START_ATTEMPTS, base_s=0, retry_on=lambda e: isinstance(e, Exception),
+                                     what=f"starting the Ray head on {node.name}", logger=log):
+            with attempt:
+                ray_node = RayNode(node, adir, extra_args)
+                address = _start_or_clean_up(ray_node, node, timeout)
+    except Exception as e:  # noqa: BLE001 - any failure of the last try: worded with the node's log
+        raise BootstrapError(f"the Ray head on {node.name} did not come up ({e}); "
+                             f"{ray_node.log_path}:\n{ray_node.log_tail()}") from None
+    (adir / "head.tmp").write_text(address)
+    (adir / "head.tmp").rename(adir / "head")
+    return ray_node, address
 
-            if ray.is_initialized():
-                ray.shutdown()
-            ray_node.stop()
-            if attempt == START_ATTEMPTS:
-                raise BootstrapError(f"the Ray head on {node.name} did not come up ({e}); "
-                                     f"{ray_node.log_path}:\n{ray_node.log_tail()}") from None
-            log.warning("the Ray head on %s did not come up (%s); starting it again", node.name, e)
-            continue
-        (adir / "head.tmp").write_text(address)
-        (adir / "head.tmp").rename(adir / "head")
-        return ray_node, address
-    raise AssertionError("unreachable")
+
+def _start_or_clean_up(ray_node: RayNode, node: Node, timeout: float) -> str:
+    try:
+        return _start_and_connect(ray_node, node, timeout)
+    except BaseException:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        ray_node.stop()
+        raise
 
 
 def _start_and_connect(ray_node: RayNode, node: Node, timeout: float) -> str:

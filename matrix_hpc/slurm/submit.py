@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from matrix_hpc._compat import SUBMITIT_MAX_NUM_TIMEOUT, sbatch_script, submitit_sbatch_text
 from matrix_hpc.job.load import Job
 from matrix_hpc.job.spec import SlurmSpec
 from matrix_hpc.slurm.entry import CANCEL_MARKER, SlurmEntry
@@ -73,7 +74,7 @@ def executor_parameters(spec: SlurmSpec, name: str) -> dict[str, Any]:
 def _executor(run_dir: Path, params: dict[str, Any]):
     import submitit
 
-    executor = submitit.SlurmExecutor(folder=run_dir / "slurm", max_num_timeout=10**6)
+    executor = submitit.SlurmExecutor(folder=run_dir / "slurm", max_num_timeout=SUBMITIT_MAX_NUM_TIMEOUT)
     executor.update_parameters(**params)
     return executor
 
@@ -81,17 +82,15 @@ def _executor(run_dir: Path, params: dict[str, Any]):
 def sbatch_text(job: Job, spec: SlurmSpec) -> str:
     """The sbatch script ``submit`` would hand to Slurm (submitit's, running the pickled entry)."""
     executor = _executor(job.run_dir, executor_parameters(spec, job.spec.name))
-    return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")
+    return submitit_sbatch_text(executor)
 
 
 def standalone_sbatch_text(job: Job, spec: SlurmSpec) -> str:
     """An sbatch script that needs no pickle: ``srun`` runs ``python -m matrix_hpc.slurm.entry`` on every node."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
     params = executor_parameters(spec, job.spec.name)
     command = shlex.join([sys.executable, "-u", "-m", "matrix_hpc.slurm.entry", str(job.path), str(job.run_dir)])
     setup = [f"export {k}={shlex.quote(v)}" for k, v in _environment().items()]
-    return _make_sbatch_string(command=command, folder=job.run_dir / "slurm", setup=setup, **params)
+    return sbatch_script(command, job.run_dir / "slurm", setup, **params)
 
 
 def _environment() -> dict[str, str]:

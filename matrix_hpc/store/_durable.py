@@ -14,7 +14,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from zarr.core.buffer import Buffer
+from zarr.abc.buffer import Buffer
 from zarr.storage import LocalStore
 
 TMP_SUFFIX = ".partial"
@@ -85,10 +85,19 @@ class DurableLocalStore(LocalStore):
     def with_read_only(self, read_only: bool = False) -> DurableLocalStore:
         return type(self)(self.root, read_only=read_only, fsync=self._fsync)
 
-    async def _set(self, key: str, value: Buffer, exclusive: bool = False) -> None:
-        if not self._is_open:
-            await self._open()
-        self._check_writable()
+    # zarr's public Store API: set and set_if_not_exists (its _set_many calls set)
+    async def set(self, key: str, value: Buffer) -> None:
+        await self._write(key, value, exclusive=False)
+
+    async def set_if_not_exists(self, key: str, value: Buffer) -> None:
+        try:
+            await self._write(key, value, exclusive=True)
+        except FileExistsError:
+            pass
+
+    async def _write(self, key: str, value: Buffer, *, exclusive: bool) -> None:
+        if self.read_only:
+            raise ValueError("store was opened in read-only mode and does not support writing")
         if not isinstance(value, Buffer):
             raise TypeError(f"DurableLocalStore.set(): value must be a Buffer, got {type(value)}")
         path = self.root / key

@@ -4,6 +4,7 @@ concurrent writes of many chunks in one trip to zarr's event loop."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import sys
 from pathlib import Path
@@ -11,12 +12,15 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 from numcodecs import Zstd
-from zarr.core.sync import sync
+
+from matrix_hpc._compat import zarr_sync
 
 _FAST_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}},
                 {"name": "zstd", "configuration": {"level": 1, "checksum": False}}, {"name": "crc32c"}]
 _FAST_CODECS_1B = [{"name": "bytes"}] + _FAST_CODECS[1:]  # one-byte types have no endianness
 _ZSTD = Zstd()
+
+log = logging.getLogger("matrix_hpc.store")
 
 
 def fast_readable(arr) -> bool:
@@ -27,7 +31,7 @@ def fast_readable(arr) -> bool:
                 and meta.chunk_key_encoding.to_dict() == {"name": "default",
                                                           "configuration": {"separator": "."}}
                 and sys.byteorder == "little")
-    except Exception:
+    except Exception:  # noqa: BLE001 - codecs we do not know (no to_dict, other fields): zarr reads them
         return False
 
 
@@ -63,7 +67,8 @@ def read_chunks(arr, seqs: list[int], folder: Path | None = None,
         for s in seqs:
             try:
                 out[s] = decode_chunk_file(folder / f"c.{s}{suffix}", arr.chunks, arr.dtype)
-            except Exception:
+            except Exception as e:  # noqa: BLE001 - missing, torn or damaged: the caller counts it as torn
+                _unreadable(folder, s, e)
                 out[s] = None
         return out
     runs: list[list[int]] = []
@@ -77,13 +82,19 @@ def read_chunks(arr, seqs: list[int], folder: Path | None = None,
             data = arr[r[0] * c:(r[-1] + 1) * c]
             for i, s in enumerate(r):
                 out[s] = data[i * c:(i + 1) * c]
-        except Exception:
+        except Exception:  # noqa: BLE001 - a torn chunk somewhere in the run: read them one by one to find it
             for s in r:
                 try:
                     out[s] = arr[s * c:(s + 1) * c]
-                except Exception:
+                except Exception as e:  # noqa: BLE001 - missing, torn or damaged: the caller counts it as torn
+                    _unreadable(folder, s, e)
                     out[s] = None
     return out
+
+
+def _unreadable(folder: Path | None, seq: int, error: Exception) -> None:
+    log.info("%s: chunk %d does not decode (%s: %s); read as missing", folder or "array", seq,
+             type(error).__name__, error)
 
 
 def set_many(writes: list) -> None:
@@ -92,5 +103,5 @@ def set_many(writes: list) -> None:
     async def go():
         await asyncio.gather(*(arr.async_array.setitem(sel, val) for arr, sel, val in writes))
 
-    sync(go())
+    zarr_sync(go())
 

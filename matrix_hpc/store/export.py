@@ -13,11 +13,11 @@ from pathlib import Path
 
 from google.protobuf import json_format, message_factory
 
+from matrix_hpc._gen.v1 import task_pb2
 from matrix_hpc.protogen import pool_from_descriptor_set
 from matrix_hpc.store._durable import TMP_SUFFIX
 from matrix_hpc.store.parquet import META_FIELDS, export_row, export_schema, write_parquet
 from matrix_hpc.store.run_store import DONE, FAILED, RunStore, StoreError
-from matrix_hpc.v1 import task_pb2
 
 FORMATS = ("jsonl", "parquet")
 
@@ -28,7 +28,7 @@ class PayloadDecoder:
     def __init__(self, descriptor_set: bytes, payload_type: str):
         try:
             self.pool = pool_from_descriptor_set(descriptor_set)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - protobuf's parse and pool errors have no common type
             raise StoreError(f"payload.desc is not a loadable FileDescriptorSet: {e}") from e
         self.payload_type = payload_type
         self._classes: dict[str, type] = {}

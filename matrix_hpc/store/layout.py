@@ -13,7 +13,7 @@ from pathlib import Path
 
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from matrix_hpc.v1 import task_pb2
+from matrix_hpc._gen.v1 import task_pb2
 
 DONE = task_pb2.TASK_STATUS_DONE
 FAILED = task_pb2.TASK_STATUS_FAILED

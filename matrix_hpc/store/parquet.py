@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from matrix_hpc.v1 import task_pb2
+from matrix_hpc._gen.v1 import task_pb2
 
 _T = FieldDescriptor
 _SCALARS = {

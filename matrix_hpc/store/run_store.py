@@ -184,7 +184,7 @@ class RunStore:
             v = self._segments.views[s.writer]
             try:
                 heap = v.heap[s.heap_start:s.heap_end].tobytes() if s.heap_end > s.heap_start else b""
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - zarr's decode errors have no common type: worded as damage
                 raise StoreError(
                     f"{v.folder / 'heap'}: envelope chunks of commit {s.seq} are damaged ({e}); "
                     f"remove {v.folder / 'commits' / f'c.{s.seq}.0'} to have its {s.n} rows redone") from e

@@ -99,7 +99,7 @@ class SegmentIndex:
         if v is None:
             try:
                 v = WriterView(self._root, self._writers / wid, wid)
-            except Exception:  # a writer still creating its arrays, or a damaged folder
+            except Exception:  # noqa: BLE001 - a writer still creating its arrays, or a damaged folder
                 return None
             self.views[wid] = v
         return v

@@ -124,7 +124,7 @@ class Snapshots:
                 grp = zarr.open_group(LocalStore(self.folder / f"{s:010d}", read_only=True), mode="r")
                 offsets = grp["offsets"][:]
                 heap = grp["heap"][:].tobytes() if grp["heap"].shape[0] else b""
-            except Exception:  # removed under us by a newer snapshot, or damaged: try the previous
+            except Exception:  # noqa: BLE001 - removed under us by a newer snapshot, or damaged: try the previous
                 continue
             if len(offsets) != attrs["n_tasks"] + 1 or int(offsets[-1]) != len(heap):
                 continue

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
-from matrix_hpc.v1 import task_pb2
+from matrix_hpc._gen.v1 import task_pb2
 
 
 @dataclass

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from matrix_hpc._gen.v1 import task_pb2
 from matrix_hpc.cli import main
 from matrix_hpc.protogen import compile_protos
 from matrix_hpc.store import DONE, FAILED, RunStore, StoreError, export
-from matrix_hpc.v1 import task_pb2
 
 PROTO = """
 syntax = "proto3";

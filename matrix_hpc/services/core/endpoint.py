@@ -86,7 +86,7 @@ class ServiceEndpoint:
             for h in handles:
                 try:
                     ray.kill(h, no_restart=True)
-                except Exception:  # noqa: BLE001
+                except Exception:  # noqa: BLE001 - already gone (or Ray shut down): nothing left to stop
                     pass
         _HANDLES.pop(self.uid, None)
         if self.socket_dir:

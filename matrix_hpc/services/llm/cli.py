@@ -143,7 +143,7 @@ async def _run(spec, args, address: str, secret: str | None, tls) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         server = await serve(spec, args.name, address=address, base_dir=args.base_dir, secret=secret, tls=tls)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - each backend fails its own way; the command says which and exits 1
         print(f"error: the {spec.backend} backend failed to start: {e}", file=sys.stderr)
         return 1
     print(f"serving {args.name!r} ({spec.backend}, {spec.name_served}) on {server.address}", flush=True)

@@ -16,8 +16,8 @@ from typing import Any, Protocol
 
 import grpc
 
-from matrix_hpc.llm.v1 import llm_pb2 as pb
-from matrix_hpc.llm.v1 import llm_pb2_grpc as pb_grpc
+from matrix_hpc._gen.llm.v1 import llm_pb2 as pb
+from matrix_hpc._gen.llm.v1 import llm_pb2_grpc as pb_grpc
 from matrix_hpc.retry import retrying
 from matrix_hpc.services.core.replicas import Replica, ReplicaSet, replica_set
 from matrix_hpc.services.llm.errors import InvalidRequest, ServiceError

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         out = build(args.name, force=args.force)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - download, conversion or disk: the command says which and exits 1
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{args.name}: converted into {out} in {time.monotonic() - t0:.1f}s")

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from matrix_hpc.llm.v1 import llm_pb2 as pb
+from matrix_hpc._gen.llm.v1 import llm_pb2 as pb
 
 
 @dataclass

@@ -16,8 +16,8 @@ from typing import Any
 
 import grpc
 
-from matrix_hpc.llm.v1 import llm_pb2 as pb
-from matrix_hpc.llm.v1 import llm_pb2_grpc as pb_grpc
+from matrix_hpc._gen.llm.v1 import llm_pb2 as pb
+from matrix_hpc._gen.llm.v1 import llm_pb2_grpc as pb_grpc
 from matrix_hpc.services.auth import TLSPair
 from matrix_hpc.services.core.listen import tcp_address
 from matrix_hpc.services.core.server import GrpcHost, Health, check_listen
@@ -246,7 +246,7 @@ class LLMServicer(pb_grpc.LLMServicer):
             await self._fail(context, e)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - logged by _fail, and the call ends with INTERNAL
             await self._fail(context, e)
         finally:
             self.in_flight -= 1
@@ -286,7 +286,7 @@ class LLMServicer(pb_grpc.LLMServicer):
             await self._fail(context, e)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - logged by _fail, and the call ends with INTERNAL
             await self._fail(context, e)
         finally:
             self.in_flight -= 1

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from matrix_hpc._gen.sandbox.v1 import sandbox_pb2 as pb
+from matrix_hpc._gen.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from matrix_hpc.retry import retrying
-from matrix_hpc.sandbox.v1 import sandbox_pb2 as pb
-from matrix_hpc.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from matrix_hpc.services.core.endpoint import ReplicaRef, ServiceEndpoint, addresses_uid
 from matrix_hpc.services.core.replicas import Replica, ReplicaSet, replica_set
 

@@ -25,8 +25,8 @@ from pathlib import Path, PurePosixPath
 
 import grpc
 
-from matrix_hpc.sandbox.v1 import sandbox_pb2 as pb
-from matrix_hpc.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
+from matrix_hpc._gen.sandbox.v1 import sandbox_pb2 as pb
+from matrix_hpc._gen.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from matrix_hpc.services.auth import TLSPair
 from matrix_hpc.services.core.listen import tcp_address
 from matrix_hpc.services.core.server import GrpcHost

@@ -14,8 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from matrix_hpc.sandbox.v1 import sandbox_pb2 as pb
-from matrix_hpc.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
+from matrix_hpc._gen.sandbox.v1 import sandbox_pb2 as pb
+from matrix_hpc._gen.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 
 from .client import SandboxClient
 from .wire import ServiceError

@@ -56,7 +56,7 @@ class OpenAIBackend(Backend):
             r.raise_for_status()
             models = [m.get("id") for m in r.json().get("data", [])]
             self.max_model_len = max((int(m.get("max_model_len") or 0) for m in r.json().get("data", [])), default=0)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - httpx, HTTP status or JSON errors: all mean "not usable"
             raise RuntimeError(f"OpenAI-compatible upstream {self.base_url} is not reachable: {e}") from e
         if models and self.spec.model not in models:
             raise RuntimeError(f"upstream {self.base_url} does not serve {self.spec.model!r} (it serves {models})")

@@ -189,7 +189,7 @@ class VLLMBackend(Backend):
         if structured:
             try:
                 so = StructuredOutputsParams(**structured)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - vLLM validates in __post_init__ with various types
                 raise InvalidArgument(f"bad structured output: {e}") from None
         try:
             return SamplingParams(
@@ -270,7 +270,7 @@ class VLLMBackend(Backend):
                 final = out
         except (InvalidArgument, Overloaded, Unavailable):
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - the engine's errors are mapped to gRPC codes by _translate
             raise self._translate(e) from e
         if final is None:
             raise Unavailable("the vLLM engine returned no output")
@@ -315,7 +315,7 @@ class VLLMBackend(Backend):
                         yield StreamEvent(o.index, o.text, o.finish_reason or "", self._logprobs(o))
         except (InvalidArgument, Overloaded, Unavailable):
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - the engine's errors are mapped to gRPC codes by _translate
             raise self._translate(e) from e
         choices = [
             self._finish_choice(

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from matrix_hpc.llm.v1 import llm_pb2 as matrix__hpc_dot_llm_dot_v1_dot_llm__pb2
+from matrix_hpc._gen.llm.v1 import llm_pb2 as matrix__hpc_dot_llm_dot_v1_dot_llm__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
