@@ -112,10 +112,22 @@ def batch_synchronous(job, services: dict, llm) -> Side:
         task.payload.Unpack(payload)
         live.append([task, payload, job.spec.first_role])
 
+    retry = job.spec.run.retry
+
     async def step(item):
+        """One step, retried like the runtime retries it (the job's run.retry), from the same payload."""
         task, payload, role = item
-        out = step_fns[role](payload, Context(task, role, services, log))
-        item[2] = await out if asyncio.iscoroutine(out) else out
+        for attempt in range(retry.max_retries + 1):
+            before = payload.SerializeToString()
+            try:
+                out = step_fns[role](payload, Context(task, role, services, log))
+                item[2] = await out if asyncio.iscoroutine(out) else out
+                break
+            except Exception:
+                if attempt == retry.max_retries:
+                    raise
+                payload.ParseFromString(before)
+                await asyncio.sleep(retry.backoff_s * 2**attempt)
         task.step += 1
 
     async def go() -> Side:
@@ -148,24 +160,28 @@ def matrix(job, services: dict, llm) -> Side:
     return Side(summary.done, summary.processing_s, steps1 - steps0, batch1 - batch0)
 
 
-def job_services(job, llm) -> tuple[dict, list]:
-    """The simulated engine as the job's `smol`, and the job's own sandboxes, deployed once for both sides."""
+def job_services(job, llm, in_flight: int) -> tuple[dict, list]:
+    """The simulated engine as the job's `smol`, and the job's own sandboxes, deployed once for both
+    sides, with room for every task in flight to wait and hold a session (the batch side sends all at once)."""
     services, started = {"llm": {"smol": llm}}, []
     for name, spec in (job.spec.services.get("sandbox") or {}).items():
+        from matrix_hpc.services.sandbox import SandboxSpec
         from matrix_hpc.services.sandbox import deploy as deploy_sandbox
 
-        endpoint = deploy_sandbox(name, spec, base_dir=job.dir)
+        room = {"max_queue": 2 * in_flight, "max_sessions": 2 * in_flight}
+        endpoint = deploy_sandbox(name, SandboxSpec.model_validate({**dict(spec), **room}), base_dir=job.dir)
         services.setdefault("sandbox", {})[name] = endpoint
         started.append(endpoint)
     return services, started
 
 
 def one_case(name: str, src: Path, in_flight: int, sim: dict, tmp: Path) -> None:
-    llm = deploy_llm("smol", LLMSpec(backend="sim", model="llama-3.1-8b-h100", sim=sim))
+    spec = LLMSpec(backend="sim", model="llama-3.1-8b-h100", sim=sim, max_concurrency=max(256, 2 * in_flight))
+    llm = deploy_llm("smol", spec)
     try:
         a_job = prepared_job(src, in_flight, tmp / f"{name}-{in_flight}-a")
         b_job = prepared_job(src, in_flight, tmp / f"{name}-{in_flight}-b")
-        services, started = job_services(a_job, llm)
+        services, started = job_services(a_job, llm, in_flight)
         try:
             b = batch_synchronous(b_job, services, llm)
             a = matrix(a_job, services, llm)
