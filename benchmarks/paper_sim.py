@@ -139,6 +139,9 @@ def batch_synchronous(job, services: dict, llm) -> Side:
                 batch = [item for item in live if item[2] == role]
                 if batch:
                     await asyncio.gather(*(step(item) for item in batch))
+            finished = [item[0].task_id for item in live if item[2] == DONE]
+            for sandbox in services.get("sandbox", {}).values():  # as the runtime does when it commits
+                await sandbox.release(finished)
             live = [item for item in live if item[2] != DONE]
         seconds = time.perf_counter() - t0
         steps1, batch1 = await engine_counts(llm)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import deadline
-from matrix_hpc.v1 import task_pb2
+from matrix_hpc._gen.v1 import task_pb2
 
 from matrix_hpc import load_job
 from matrix_hpc.cli import main
