@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 from conftest import deadline
-from matrix_hpc._gen.v1 import task_pb2
 
 from matrix_hpc import load_job
+from matrix_hpc._gen.v1 import task_pb2
 from matrix_hpc.cli import main
 from matrix_hpc.runtime.driver import open_store
 from matrix_hpc.runtime.preflight import ResumeRefused, preflight
