@@ -171,7 +171,7 @@ def job_services(job, llm, in_flight: int) -> tuple[dict, list]:
         from matrix_hpc.services.sandbox import SandboxSpec
         from matrix_hpc.services.sandbox import deploy as deploy_sandbox
 
-        room = {"max_queue": 2 * in_flight, "max_sessions": 2 * in_flight}
+        room = {"max_queue": 4 * in_flight, "max_sessions": 8 * in_flight}  # retried steps reopen sessions
         endpoint = deploy_sandbox(name, SandboxSpec.model_validate({**dict(spec), **room}), base_dir=job.dir)
         services.setdefault("sandbox", {})[name] = endpoint
         started.append(endpoint)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from matrix_hpc import DONE, Context
 from matrix_hpc.services.sandbox import ServiceError
-from matrix_hpc.services.sandbox.client import Session
 
 SAMPLING = {"max_tokens": 48, "temperature": 0.7}
 CALL_MAX_TOKENS = 80  # a forced call is JSON: cut short, it would not parse
@@ -78,9 +77,8 @@ async def _in_session(e, ctx: Context, command: list[str], stdin: str = ""):
     a session lost with a restart is rebuilt from the state the payload carries."""
     client = ctx.sandbox("env")
     if e.session_id:
-        session = Session(client, e.session_address, e.session_id, client.default_wall_s)
         try:
-            return await session.exec(command, stdin=stdin)
+            return await client.session(e.session_address, e.session_id).exec(command, stdin=stdin)
         except ServiceError as err:
             if err.code != "NOT_FOUND":
                 raise

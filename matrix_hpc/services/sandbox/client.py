@@ -186,6 +186,14 @@ class SandboxClient:
         replica, resp = await self._balanced("OpenSession", req, self.margin_s)
         return Session(self, replica, resp.session_id, self._deadline(limits, None))
 
+    def session(self, address: str, session_id: str) -> Session:
+        """The open session ``session_id`` on the replica at ``address`` (as a payload recorded them),
+        to go on using it in a later step; NOT_FOUND on the first call if it is gone."""
+        for replica in _replicas(self.endpoint).replicas:
+            if replica.address == address:
+                return Session(self, replica, session_id, self.default_wall_s)
+        raise ServiceError(f"sandbox {self.name!r}: no replica at {address} (session {session_id})", "NOT_FOUND")
+
     async def stats(self) -> list[pb.StatsResponse]:
         return [await r.stub(pb_grpc.SandboxStub).Stats(pb.StatsRequest(), timeout=10)
                 for r in _replicas(self.endpoint).replicas]
