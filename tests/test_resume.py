@@ -271,3 +271,54 @@ def test_resume_of_a_changed_job_is_refused_unless_forced(ray_session, make_job)
     with deadline(60):
         summary = run(load_job(path), progress=False, force=True)
     assert summary.done == 0 and summary.total == 5
+
+
+# Each step appends "task step" to starts.log as it begins, then to calls.log as it ends.
+STARTS = COUNTING.replace("async def ping(item, ctx):\n", "async def ping(item, ctx):\n    _start(ctx)\n").replace(
+    "async def pong(item, ctx):\n", "async def pong(item, ctx):\n    _start(ctx)\n").replace("def _count(ctx):", '''def _start(ctx):
+    fd = os.open(os.path.join(os.path.dirname(__file__), "starts.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.write(fd, f"{ctx.task_id} {ctx.step}\\n".encode())
+    os.close(fd)
+
+def _count(ctx):''')
+
+
+def test_the_checkpoint_of_a_stop_is_a_barrier_and_resume_redoes_only_the_running_steps(ray_session, make_job):
+    """A stop (SIGTERM, USR2 on Slurm, Ctrl-C) freezes the actors at its checkpoint: no step starts
+    after it, so a resume redoes exactly the steps that were running then, each once."""
+    rows = 80
+    path = make_job(STARTS, ROLES, "ping", rows=rows, run={"max_in_flight": 40, "checkpoint_interval_s": 3600})
+    job = load_job(path)
+    starts_log = path.parent / "starts.log"
+    stop = threading.Event()
+
+    def stop_when_busy(_runner):
+        def go():
+            while not starts_log.exists() or len(starts_log.read_text().splitlines()) < 100:
+                time.sleep(0.01)
+            stop.set()
+        threading.Thread(target=go, daemon=True).start()
+
+    with deadline(120):
+        first = run(job, progress=False, on_start=stop_when_busy, stop_requested=stop)
+    assert first.interrupted
+    tasks, _ = RunStore.open(job.run_dir).latest_snapshot()
+    saved = {t.task_id: t.step for t in map(task_pb2.Task.FromString, tasks)}
+    committed = set(RunStore.open(job.run_dir).committed())
+    started = [tuple(line.split()) for line in starts_log.read_text().splitlines()]
+    last_started: dict[str, int] = {}
+    for tid, step in started:
+        last_started[tid] = max(last_started.get(tid, -1), int(step))
+    # No step started after the checkpoint: every task got no further than its saved step.
+    assert all(last_started[tid] <= saved[tid] for tid in last_started if tid not in committed), \
+        {tid: (last_started[tid], saved[tid]) for tid in last_started if tid not in committed}
+    running = {(tid, str(saved[tid])) for tid in saved if tid not in committed and last_started.get(tid) == saved[tid]}
+    assert running, "no step was running at the checkpoint"
+
+    with deadline(120):
+        assert run(load_job(path), progress=False).done == rows - len(committed)
+    check_complete(job, rows)
+    again = {key for key, n in Counter(tuple(line.split()) for line in starts_log.read_text().splitlines()).items()
+             if n > 1}
+    assert again == running  # redone: exactly the steps running at the checkpoint, each once
+    assert max(Counter(tuple(line.split()) for line in starts_log.read_text().splitlines()).values()) == 2

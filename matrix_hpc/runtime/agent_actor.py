@@ -95,6 +95,7 @@ class ActorBase:
 
     def __init__(self, job: Job, directory: Directory):
         self.incarnation = uuid.uuid4().hex
+        self.frozen = False  # set by the final cut of a stop: no step starts, nothing is sent after it
         self.router = Router(directory, job.spec.run.large_payload_bytes, on_undeliverable=undeliverable)
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -106,6 +107,12 @@ class ActorBase:
 
     async def resume(self) -> None:
         self.router.resume()
+
+    async def freeze(self) -> None:
+        """The final cut of a stop: pause for good and start no step from now on (steps already
+        running finish, their results stay unsent), so the checkpoint is the run's last state."""
+        self.frozen = True
+        await self.pause()
 
 
 class AgentActor(ActorBase):
@@ -137,7 +144,7 @@ class AgentActor(ActorBase):
 
     def _pump(self) -> None:
         loop = asyncio.get_running_loop()
-        while self.inbox and len(self.active) < self.concurrency:
+        while self.inbox and len(self.active) < self.concurrency and not self.frozen:
             data = self.inbox.popleft()
             task = Task.FromString(data)
             self.active[task.task_id] = data

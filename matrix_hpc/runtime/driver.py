@@ -335,7 +335,7 @@ class _Run:
             self._event("commit_failed", error=fault)
         else:
             print("\ninterrupted: saving in-flight tasks ...", file=sys.stderr)
-        saved = self.recovery.checkpoint()
+        saved = self.recovery.checkpoint(final=True)
         kept = ("in-flight tasks saved" if saved >= 0
                 else "in-flight tasks NOT saved (they restart from the last checkpoint)")
         print(f"{'stopped' if fault else 'interrupted'}: committed rows are kept, {kept}; "

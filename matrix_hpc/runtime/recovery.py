@@ -55,20 +55,22 @@ class Recovery:
                              f"and GPUs the roles ask for, num_cpus and num_gpus?)") from None
         self.recovered = self.checkpoints = self.checkpoint_failures = self.actor_restarts = 0
 
-    def cut(self, while_paused=None) -> tuple[list[str], dict[str, bytes]]:
+    def cut(self, while_paused=None, *, final: bool = False) -> tuple[list[str], dict[str, bytes]]:
         """A consistent cut: pause every sender, wait for sends in flight to land, then ask each
         actor what it holds. Nothing moves between actors in between, so each in-flight task is
         seen exactly once (in an inbox, inside a step as its pre-step message, or unsent).
-        ``while_paused(outstanding, held)`` runs before anything moves again."""
+        ``while_paused(outstanding, held)`` runs before anything moves again. A ``final`` cut (a
+        stop) freezes the actors instead: nothing moves again and no step starts after it."""
         for _ in range(10):
             actors = self.actors
             try:
-                get([a.pause.remote() for a in actors])
+                get([(a.freeze if final else a.pause).remote() for a in actors])
                 src, *rest = get([a.collect.remote() for a in actors])
                 outstanding, held = src["outstanding"], self._furthest([*src["pending"], *(d for p in rest for d in p)])
                 if while_paused is not None:
                     while_paused(outstanding, held)
-                get([a.resume.remote() for a in actors])
+                if not final:
+                    get([a.resume.remote() for a in actors])
                 return outstanding, held
             except ACTOR_TROUBLE:
                 # An actor died during the cut: let the others go on, wait for it, cut again.
@@ -89,10 +91,11 @@ class Recovery:
                 held[t.task_id] = (t.step, data)
         return {tid: data for tid, (_, data) in held.items()}
 
-    def checkpoint(self) -> int:
-        """Snapshot every task in flight into the store; return how many (-1 if it could not be written)."""
+    def checkpoint(self, *, final: bool = False) -> int:
+        """Snapshot every task in flight into the store; return how many (-1 if it could not be written).
+        ``final``: the checkpoint of a stop, after which no step starts (see ``cut``)."""
         t0 = time.monotonic()
-        outstanding, held = self.cut()
+        outstanding, held = self.cut(final=final)
         messages = list(held.values())
         try:
             self.store.write_snapshot(messages, meta={"run_id": self.run_id, "in_flight": len(messages)})

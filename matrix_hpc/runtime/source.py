@@ -70,7 +70,7 @@ class SourceActor(ActorBase):
         self._pump()
 
     def _pump(self) -> None:
-        while self.started and not self.exhausted and len(self.known) < self.max_in_flight:
+        while self.started and not self.frozen and not self.exhausted and len(self.known) < self.max_in_flight:
             item = next(self.tasks, None)
             if item is None:
                 self.exhausted = True
