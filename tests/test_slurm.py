@@ -276,10 +276,10 @@ def test_node_local_run_directory_is_refused_for_several_nodes(slurm_run):
 def test_two_node_run_hits_its_time_limit_requeues_and_commits_every_row_once(slurm_run):
     rows = 200
     # 40 rows in flight, 6 steps of 1-3 s (jittered, so rows do not move in lockstep): about 60 s of
-    # work, spread over both nodes; every ping step calls an LLM service (the scripted stand-in, one
-    # replica on one of the nodes).
+    # work, spread over both nodes; every ping step calls an LLM service (the scripted stand-in, two
+    # replicas, one on each node).
     r = slurm_run(rows=rows, slurm={"nodes": 2, "signal_delay_s": 60}, step_s=2.0, in_flight=40,
-                  services={"llm": {"echo": {"backend": "scripted"}}})
+                  services={"llm": {"echo": {"backend": "scripted", "replicas": 2}}})
     job_id = r.submit()
     again = r.cli("submit", str(r.job))  # never submitted twice
     assert again.returncode == 2 and f"as Slurm job {job_id}" in again.stderr, again.stderr
@@ -299,8 +299,9 @@ def test_two_node_run_hits_its_time_limit_requeues_and_commits_every_row_once(sl
     r.check_complete()
     r.check_continued(before, snapshot, committed)
     assert r.nodes_that_ran_steps(role_parity=0) == {"node1", "node2"}  # ping steps, each calling the LLM
-    # The replica bound its node's cluster address (127.0.0.2 or .3 here), not loopback's 127.0.0.1.
-    assert re.search(r"LLM 'echo': 1 replica\(s\) serving .*127\.0\.0\.[23]:\d+", first_err), first_err
+    # The replicas spread over the nodes, each bound to its node's cluster address (not 127.0.0.1).
+    serving = re.search(r"LLM 'echo': 2 replica\(s\) serving .*", first_err)
+    assert serving and {"127.0.0.2", "127.0.0.3"} == set(re.findall(r"127\.0\.0\.\d+", serving.group())), first_err
     status = r.cli("status", str(r.run_dir))
     assert re.search(rf"slurm +job {job_id} completed.*requeued 1 time", status.stdout), status.stdout
     logs = r.cli("logs", str(r.run_dir), "--node", "1")

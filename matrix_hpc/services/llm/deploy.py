@@ -20,6 +20,7 @@ from matrix_hpc.services.core.deploy import ServiceReplica, start_options, start
 from matrix_hpc.services.llm.endpoint import LLMEndpoint
 from matrix_hpc.services.llm.errors import ServiceError
 from matrix_hpc.services.llm.spec import LLMSpec
+from matrix_hpc.services.placement import PlacementError, replica_strategies
 
 
 class LLMReplica(ServiceReplica):
@@ -60,10 +61,15 @@ def deploy(name: str, spec: LLMSpec, *, base_dir: Path | str | None = None, secr
         spec = LLMSpec.model_validate(spec)
     base = str(Path(base_dir).resolve()) if base_dir is not None else None
     spec.resolve_model(base)  # fail early, on the driver, with a clear message
-    options = start_options(num_cpus=spec.ray_cpus(), num_gpus=spec.gpus_per_replica,
-                            max_restarts=spec.max_restarts, max_concurrency=10_000)
+    try:  # spread over the nodes: one per gpus_per_replica GPUs of each node, round-robin
+        strategies = replica_strategies(spec.replicas, spec.gpus_per_replica)
+    except PlacementError as e:
+        raise ServiceError(f"LLM {name!r}: {e}") from None
+    placements = [(start_options(num_cpus=spec.ray_cpus(), num_gpus=spec.gpus_per_replica,
+                                 max_restarts=spec.max_restarts, max_concurrency=10_000, scheduling_strategy=strategy),
+                   (spec.model_dump(), base)) for strategy in strategies]
     deployed = start_replicas(
-        "llm", name, LLMReplica, [(options, (spec.model_dump(), base))] * spec.replicas,
+        "llm", name, LLMReplica, placements,
         secret=secret, tls=tls, socket_dir=socket_dir, timeout_s=spec.start_timeout_s,
         error=lambda msg: ServiceError(f"LLM {name!r} ({spec.backend}, {spec.model}): {msg}"), what=f"LLM {name!r}")
     return LLMEndpoint(name=name, spec=spec, replicas=deployed.replicas, namespace=deployed.namespace,
