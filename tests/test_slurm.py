@@ -255,13 +255,36 @@ def test_unknown_slurm_key_is_a_file_line_error(slurm_run):
 @pytest.mark.parametrize("settings, reason", [
     (["--partition", "nosuch"], "invalid partition specified: nosuch"),
     (["--gpus-per-node", "3"], "Requested node configuration is not available"),
+    (["--nodes", "5"], "the partition debug can never run this job: nodes 5 is more than it has or allows (2)"),
+    (["--mem-gb", "100", "--dry-run"], "Requested node configuration is not available"),
+    (["--cpus-per-node", "3", "--dry-run"], "Requested node configuration is not available"),
 ])
-def test_bad_settings_are_refused_at_submit_with_slurms_reason(slurm_run, settings, reason):
-    r = slurm_run(rows=3)
+def test_requests_the_cluster_can_never_satisfy_are_refused_at_submit_and_dry_run(slurm_run, settings, reason):
+    tag = f"refused-{os.getpid()}-{settings[1]}"
+    r = slurm_run(rows=3, slurm={"extra": {"comment": tag}})
     out = r.cli("submit", str(r.job), *settings)
     assert out.returncode == 2
-    assert "Slurm refused the job" in out.stderr and reason in out.stderr, out.stderr
+    assert reason in out.stderr, out.stderr
     assert not (r.run_dir / "slurm" / "job_id").exists()
+    comments = subprocess.run(["squeue", "-h", "-o", "%k"], capture_output=True, text=True, timeout=30).stdout
+    assert tag not in comments.split()  # nothing left pending
+
+
+def test_limits_of_the_partition_that_slurm_would_leave_pending_are_ours_to_refuse(slurm_conf):
+    """With EnforcePartLimits=NO (the local Slurm's and Slurm's default) a job over MaxTime pends
+    forever; the partition's fields as `scontrol show partition` gives them, with limits set."""
+    from matrix_hpc.job.spec import SlurmSpec
+    from matrix_hpc.slurm.checks import beyond_partition, partition_fields, slurm_minutes
+
+    fields = partition_fields(None)
+    assert fields["PartitionName"] == "debug" and beyond_partition(SlurmSpec(nodes=2, time_min=10**6), fields) == []
+    limited = {**fields, "MaxTime": "1-00:00:00", "MaxNodes": "1", "MaxCPUsPerNode": "1", "MaxMemPerNode": "2048"}
+    assert beyond_partition(SlurmSpec(nodes=2, time_min=1441, cpus_per_node=2, mem_gb=3), limited) == [
+        "time_min 1441 is over its MaxTime 1-00:00:00 (1440 min)", "nodes 2 is more than it has or allows (1)",
+        "cpus_per_node 2 is over its MaxCPUsPerNode 1", "mem_gb 3 is over its MaxMemPerNode 2048 MB"]
+    assert beyond_partition(SlurmSpec(nodes=1, time_min=1440, cpus_per_node=1, mem_gb=2), limited) == []
+    assert [slurm_minutes(t) for t in ("30", "30:30", "2:00:00", "1-2", "2-00:30:00", "UNLIMITED")] == [
+        30, 30.5, 120, 1560, 2910, None]
 
 
 def test_node_local_run_directory_is_refused_for_several_nodes(slurm_run):
@@ -270,6 +293,12 @@ def test_node_local_run_directory_is_refused_for_several_nodes(slurm_run):
     out = r.cli("submit", str(r.job))
     assert out.returncode == 2
     assert f"the run directory {r.run_dir} is on a node-local path (/tmp)" in out.stderr, out.stderr
+    venv = Path(sys.prefix).resolve()
+    r.env["MATRIX_HPC_NODE_LOCAL_PATHS"] = str(venv)  # the venv is checked like the others
+    out = r.cli("submit", str(r.job), "--dry-run")
+    assert out.returncode == 2
+    assert f"the Python environment (the venv every node runs) {venv} is on a node-local path ({venv})" \
+        in out.stderr, out.stderr
 
 
 @pytest.mark.slow

@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("job", type=Path, help="the job file, e.g. jobs/dialogue/job.yaml")
     s.add_argument("-o", "--run-dir", type=Path, help="run directory (default: run.output_dir of the job)")
     _slurm_overrides(s)
-    s.add_argument("--dry-run", action="store_true", help="print the sbatch script instead of submitting it")
+    s.add_argument("--dry-run", action="store_true",
+                   help="run every check (paths, limits, sbatch --test-only), print the sbatch script, submit nothing")
     s.add_argument("--ray-worker-args", default="", metavar="ARGS",
                    help="extra `ray start` options for the nodes other than the first (one shell-quoted string)")
     s.set_defaults(func=_submit)
@@ -99,15 +100,15 @@ def _load(args: argparse.Namespace):
 
 def _submit(args: argparse.Namespace) -> int:
     from matrix_hpc.runtime.preflight import PreflightError, check_prerequisites, check_slurm_commands
-    from matrix_hpc.slurm.submit import SubmitError, sbatch_text, submit
+    from matrix_hpc.slurm.submit import SubmitError, preflight, submit
 
     try:
         job, spec = _load(args)
-        if args.dry_run:
-            print(sbatch_text(job, spec))
-            return 0
         check_slurm_commands()
         check_prerequisites(job, local=False)  # before anything reaches Slurm; the nodes' binaries are theirs
+        if args.dry_run:  # every check, nothing written or submitted
+            print(preflight(job, spec))
+            return 0
         done = submit(job, spec, nodes_timeout_s=args.nodes_timeout_s,
                       ray_worker_args=shlex.split(args.ray_worker_args))
     except (JobFileError, SubmitError, PreflightError) as e:
@@ -120,11 +121,11 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _sbatch_script(args: argparse.Namespace) -> int:
-    from matrix_hpc.slurm.submit import SubmitError, check_shared_paths, standalone_sbatch_text, write_options
+    from matrix_hpc.slurm.submit import SubmitError, preflight, standalone_sbatch_text, write_options
 
     try:
         job, spec = _load(args)
-        check_shared_paths(job, spec)
+        preflight(job, spec)
     except (JobFileError, SubmitError) as e:
         print(f"matrix-hpc sbatch-script: error: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from typing import Any
 from matrix_hpc._compat import SUBMITIT_MAX_NUM_TIMEOUT, sbatch_script, submitit_sbatch_text
 from matrix_hpc.job.load import Job
 from matrix_hpc.job.spec import SlurmSpec
+from matrix_hpc.slurm.checks import SubmitError, check_satisfiable, sbatch_reason
 from matrix_hpc.slurm.entry import CANCEL_MARKER, SlurmEntry
 
 # Job states in which a job still holds (or waits for) an allocation: never submit the run twice.
@@ -28,10 +29,6 @@ ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"
 # Paths that are private to one node on most clusters (override with MATRIX_HPC_NODE_LOCAL_PATHS,
 # colon-separated; empty where every node shares them, as on the local Slurm of slurm/).
 DEFAULT_NODE_LOCAL = "/tmp:/var/tmp:/dev/shm:/run"
-
-
-class SubmitError(Exception):
-    """The run cannot be submitted; the message says why (Slurm's own reason where Slurm refused)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +106,7 @@ def check_shared_paths(job: Job, spec: SlurmSpec) -> None:
     named = {"run directory": job.run_dir, "job folder": job.dir, "dataset": job.dataset_path}
     if cache:
         named["cache (MATRIX_HPC_CACHE)"] = Path(cache)
+    named["Python environment (the venv every node runs)"] = Path(sys.prefix)
     for what, path in named.items():
         resolved = Path(path).resolve()
         for prefix in local:
@@ -130,23 +128,32 @@ def active_job(run_dir: Path) -> tuple[str, str] | None:
     return (job_id, state) if state in ACTIVE_STATES else None
 
 
-def submit(job: Job, spec: SlurmSpec, *, nodes_timeout_s: float = 300.0, ray_worker_args: list[str] | None = None,
-           ) -> Submitted:
-    """Submit the run (refused if it is already pending or running); record how, for ``resume``."""
-    import submitit
-
+def preflight(job: Job, spec: SlurmSpec) -> str:
+    """Every check a submission passes before anything is written (``--dry-run`` runs them too):
+    shared paths, not running already, nothing the cluster can never satisfy. Returns the script."""
     check_shared_paths(job, spec)
     running = active_job(job.run_dir)
     if running:
         raise SubmitError(f"{job.run_dir} is already {running[1].lower()} as Slurm job {running[0]}; "
                           f"see matrix-hpc status {job.run_dir}")
+    script = sbatch_text(job, spec)
+    check_satisfiable(spec, script)
+    return script
+
+
+def submit(job: Job, spec: SlurmSpec, *, nodes_timeout_s: float = 300.0, ray_worker_args: list[str] | None = None,
+           ) -> Submitted:
+    """Submit the run (refused if it is already pending or running, or can never run); record how, for ``resume``."""
+    import submitit
+
+    preflight(job, spec)
     options = write_options(job, spec, nodes_timeout_s=nodes_timeout_s, ray_worker_args=ray_worker_args)
     slurm_dir = job.run_dir / "slurm"
     executor = _executor(job.run_dir, executor_parameters(spec, job.spec.name))
     try:
         submitted = executor.submit(SlurmEntry(str(job.path), str(job.run_dir)))
     except submitit.core.utils.FailedJobError as e:
-        raise SubmitError(f"Slurm refused the job: {_sbatch_reason(str(e))}") from None
+        raise SubmitError(f"Slurm refused the job: {sbatch_reason(str(e))}") from None
     (slurm_dir / "job_id").write_text(f"{submitted.job_id}\n")
     record = {"job": str(job.path), "slurm": spec.model_dump(), "options": options}
     (slurm_dir / "submit.json").write_text(json.dumps(record, indent=1))
@@ -165,7 +172,3 @@ def write_options(job: Job, spec: SlurmSpec, *, nodes_timeout_s: float = 300.0,
     (job.run_dir / "job_path.txt").write_text(f"{job.path}\n")
     return options
 
-
-def _sbatch_reason(message: str) -> str:
-    lines = [ln.strip() for ln in message.splitlines() if "error" in ln.lower() and ln.strip()]
-    return "; ".join(lines) or message.strip()
