@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,6 +96,32 @@ def preempt() -> float:
     return t
 
 
+def _log_time(line: str) -> float:
+    """The wall-clock time of a log line ("2026-12-05 17:03:31,084 ...")."""
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def breakdown(run_dir: Path, job_id: str, requeue: int, signal_at: float, commit_at: float) -> dict[str, float]:
+    """Where the time from the preemption signal to the first new commit went, from node 0's log
+    and the run's events: the requeue and Slurm (until node 0's task starts), Ray (head up, driver
+    connected, every node joined), the store opened, then services, actors and the first row."""
+    lines = (run_dir / "slurm" / f"{job_id}_0_log.err").read_text(errors="replace").splitlines()
+    start = next(i for i, ln in enumerate(lines) if f"job {job_id}, requeue {requeue}" in ln)
+    after = lines[start:]
+    t_start = _log_time(after[0])
+    t_connected = next(_log_time(ln) for ln in after if "Connected to Ray cluster" in ln)
+    t_joined = next(_log_time(ln) for ln in after if "node(s) joined Ray" in ln)
+    events = [json.loads(ln) for ln in (run_dir / "logs" / "events.jsonl").read_text().splitlines()]
+    t_resumed = next(t for t in (_event_time(e) for e in events if e["kind"] == "resumed") if t >= t_joined)
+    return {"stop, requeue, wait for nodes": t_start - signal_at,
+            "Ray head up, driver connected": t_connected - t_start, "other nodes joined": t_joined - t_connected,
+            "store opened": t_resumed - t_joined, "actors, first row": commit_at - t_resumed}
+
+
+def _event_time(event: dict) -> float:
+    return datetime.fromisoformat(event["time"].replace("Z", "+00:00")).timestamp()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preemptions", type=int, default=10)
@@ -117,6 +144,7 @@ def main() -> None:
                 if before >= rows:
                     print(f"the run finished after {i} preemption(s)")
                     break
+                signal_wall = time.time()
                 signal_at = preempt()
                 wait_until(lambda n=i + 1: (run_dir / "slurm" / "ray" / f"{job_id}.{n}").exists(), 600, "the requeue",
                            job_id)
@@ -124,7 +152,9 @@ def main() -> None:
                 before = committed(run_dir)
                 new = wait_until(lambda b=before: committed(run_dir) > b, 600, "a new commit after the requeue", job_id)
                 resumes.append(new - signal_at)
-                print(f"preemption {i + 1}: signal -> requeued job's first new commit {resumes[-1]:.1f} s")
+                parts = breakdown(run_dir, job_id, i + 1, signal_wall, time.time() - (time.monotonic() - new))
+                print(f"preemption {i + 1}: signal -> requeued job's first new commit {resumes[-1]:.1f} s ("
+                      + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()) + ")")
             wait_until(lambda: squeue_state(job_id) == "", 1200, "the run to finish")
         finally:
             subprocess.run(["scancel", job_id], capture_output=True)

@@ -48,6 +48,7 @@ async def ping(item, ctx):
         reply = await llm.chat(f"{{ctx.task_id}} {{ctx.step}}")
         assert reply.text == f"{{ctx.task_id}} {{ctx.step}}", reply.text
     _count(ctx)
+    print(f"ping {{ctx.task_id}} {{ctx.step}} on {{os.environ.get('SLURMD_NODENAME')}}", flush=True)
     item.path.append(f"ping{{ctx.step}}")
     return "pong"
 
@@ -400,3 +401,64 @@ def test_the_jobs_ray_uses_the_runs_token_whatever_the_shell_said(tmp_path):
     assert (mode, umask) == ("token", "0o77")
     assert Path(token_path).parent == run_dir / "credentials"
     assert Path(token_path).stat().st_mode & 0o777 == 0o600 and len(Path(token_path).read_text().strip()) >= 32
+
+
+def sacct_state(job_id: str) -> str:
+    return subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode"], capture_output=True,
+                          text=True, timeout=30).stdout.strip()
+
+
+@pytest.mark.slow
+def test_a_run_started_by_plain_sbatch_is_seen_cancelled_resumed_and_cleaned_up_after_scancel(slurm_run):
+    """The sbatch path is first-class: status (Slurm state, per node), logs --node N (the actors'
+    output there), cancel, resume; a plain scancel stops it cleanly and leaves no scratch on the nodes."""
+    rows = 120
+    r = slurm_run(rows=rows, slurm={"nodes": 2}, step_s=2.0, in_flight=20)
+    script = r.dir / "run.sbatch"
+    made = r.cli("sbatch-script", str(r.job), "--output", str(script))
+    assert made.returncode == 0, made.stderr
+    submitted = r.user.run(["sbatch", str(script)], env=r.env, timeout=60)
+    job_id = re.search(r"Submitted batch job (\d+)", submitted.stdout).group(1)
+    r.job_ids.append(job_id)
+    view = lambda: json.loads((r.run_dir / "logs" / "nodes.json").read_text())  # noqa: E731
+    r.wait(lambda: len(r.committed()) >= 1 and (r.run_dir / "logs" / "nodes.json").exists() and len(view()) == 2,
+           240, "a first commit and steps on both nodes", job_id)
+
+    status = r.cli("status", str(r.run_dir))
+    assert re.search(rf"slurm +job {job_id} running on node\[1-2\]", status.stdout), status.stdout
+    for rank, name in ((0, "node1"), (1, "node2")):
+        assert re.search(rf"node {rank} {name}: \d+ task\(s\) in flight, [1-9]\d* step\(s\)", status.stdout), \
+            status.stdout
+    logs = r.cli("logs", str(r.run_dir), "--node", "1")
+    assert "node 1/2 node2 (127.0.0.3)" in logs.stdout and re.search(r"ping r\d+#0 \d+ on node2", logs.stdout), \
+        logs.stdout
+    assert not re.search(r"ping r\d+#0 \d+ on node1", logs.stdout)
+
+    cancelled = r.cli("cancel", str(r.run_dir), timeout=180)
+    assert cancelled.returncode == 0 and "checkpointed and stopped" in cancelled.stdout, cancelled.stdout + r.logs()
+    status = r.cli("status", str(r.run_dir))
+    assert re.search(rf"slurm +job {job_id} cancelled", status.stdout), status.stdout
+    state, exit_code = sacct_state(job_id).split("|")
+    assert exit_code != "0:0" and state != "COMPLETED", (state, exit_code)
+    assert len(r.committed()) < rows, "the run finished before the cancel"
+
+    resumed = r.cli("resume", str(r.run_dir))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    second = re.search(r"as Slurm job (\d+)", resumed.stdout).group(1)
+    r.job_ids.append(second)
+    before = len(r.committed())
+    r.wait(lambda: len(r.committed()) > before, 240, "the resumed job's first new commit", second)
+    subprocess.run(["scancel", second], check=True, timeout=30)  # SIGTERM to every process of the job
+    r.wait_ended(second, 60)
+    scratch = Path("/tmp") / f"mhpc-{r.user.uid}"
+    assert not [p.name for p in scratch.glob(f"{second}-*")], list(scratch.iterdir())
+    assert sacct_state(second).split("|")[0].startswith("CANCELLED")
+    node0 = (r.run_dir / "slurm" / f"{second}_0_log.err").read_text() + (r.run_dir / "logs" / "run.log").read_text()
+    assert "got SIGTERM" in node0 and "Aborted" not in node0, node0
+    assert "node1: task 0: Exited with exit code 143" in node0 and "node2: task 1: Exited with exit code 143" in node0
+
+    third = re.search(r"as Slurm job (\d+)", r.cli("resume", str(r.run_dir)).stdout).group(1)
+    r.job_ids.append(third)
+    r.wait_ended(third, 300)
+    r.check_complete()
+

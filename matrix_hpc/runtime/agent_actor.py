@@ -23,6 +23,7 @@ from matrix_hpc.job.spec import DONE
 from matrix_hpc.retry import backoff_s
 from matrix_hpc.runtime.context import Context
 from matrix_hpc.runtime.message import DONE_STATUS, Task, set_error, undeliverable
+from matrix_hpc.runtime.nodes import output_to_run_dir, this_node
 from matrix_hpc.runtime.router import Directory, Router, resolve
 
 _LATENCY_SAMPLES = 4096
@@ -97,6 +98,8 @@ class ActorBase:
         self.incarnation = uuid.uuid4().hex
         self.frozen = False  # set by the final cut of a stop: no step starts, nothing is sent after it
         self.router = Router(directory, job.spec.run.large_payload_bytes, on_undeliverable=undeliverable)
+        output_to_run_dir(job.run_dir)  # on a Slurm allocation: logs/node-<rank>.log, which outlives the job
+        self.node = this_node()
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     async def ping(self) -> str:
@@ -132,6 +135,7 @@ class AgentActor(ActorBase):
         self.inbox: deque[bytes] = deque()
         self.active: dict[str, bytes] = {}  # task id -> message before the running step
         self.steps = 0  # as run by this incarnation (a load figure; the store counts exactly)
+        self.last_error: dict | None = None  # the latest failed try of a step, for `status`
         self.latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
         self.started: dict[str, tuple[int, float]] = {}  # task id -> (step, start) of running steps
         self.reported_slow: set[tuple[str, int]] = set()
@@ -174,6 +178,8 @@ class AgentActor(ActorBase):
                 nxt = await self._call(payload, Context(task, self.role, self.services, self.logger))
             except Exception as e:  # noqa: BLE001 - the job's code failed; retry per policy
                 self.latencies.append(time.perf_counter() - t0)
+                self.last_error = {"error": f"{type(e).__name__}: {e}"[:300], "role": self.role,
+                                   "task_id": task.task_id, "step": task.step, "at": time.time()}
                 more = await self._wait_for_service(e, waited)
                 if more is not None:  # a service was down: try again, not counted as an attempt
                     waited = more
@@ -277,7 +283,7 @@ class AgentActor(ActorBase):
     async def stats(self, latencies: bool = False, slow: bool = False) -> dict:
         out = {
             "incarnation": self.incarnation, "role": self.role, "inbox": len(self.inbox),
-            "active": len(self.active), "steps": self.steps,
+            "active": len(self.active), "steps": self.steps, "node": self.node, "last_error": self.last_error,
             "step_timeout_s": self.timeout, "abandoned_threads": sum(t.is_alive() for t in self.abandoned),
             "send_retries": self.router.send_retries,
             "sent_batches": self.router.sent_batches, "sent_messages": self.router.sent_messages,

@@ -23,6 +23,7 @@ from matrix_hpc.job.dataset import count_rows
 from matrix_hpc.job.load import Job, load_job
 from matrix_hpc.runtime.agent_actor import AgentActor
 from matrix_hpc.runtime.message import Task
+from matrix_hpc.runtime.nodes import node_view, write_node_view
 from matrix_hpc.runtime.preflight import (  # noqa: F401 - ResumeRefused re-exported
     ResumeRefused,
     open_started,
@@ -349,7 +350,9 @@ class _Run:
         return signal.signal(signal.SIGUSR2, lambda *_: self.snapshot_requested.set())
 
     def _watch_agents(self) -> None:
-        """Keep every agent's counters (so a dead incarnation's still count) and report slow steps."""
+        """Keep every agent's counters (so a dead incarnation's still count), report slow steps and
+        write the per-node view (``logs/nodes.json``)."""
+        current = []
         for role, pool in self.agents.items():
             for actor, ref in [(a, a.stats.remote(slow=True)) for a in pool]:
                 try:
@@ -357,10 +360,15 @@ class _Run:
                 except ACTOR_TROUBLE:  # the health check recovers it
                     continue
                 self.agent_stats[(self.names[actor], st["incarnation"])] = st
+                current.append(st)
                 for slow in st.get("slow", []):
                     log.warning("role %s: task %s has been in step %d for %.0fs (usual: %.2fs); still waiting",
                                 role, slow["task_id"], slow["step"], slow["running_s"], slow["usual_s"])
                     self._event("slow_step", role=role, **slow)
+        try:
+            write_node_view(self.job.run_dir, node_view(current, list(self.agent_stats.values())))
+        except OSError as e:
+            log.warning("could not write the per-node view: %s", e)
 
     def _role_stats(self) -> tuple[dict[str, dict[str, float]], dict[str, list[int]]]:
         """Step latencies and counts by role. An agent that died (or stopped answering) at the very

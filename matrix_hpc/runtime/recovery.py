@@ -36,6 +36,10 @@ def get(refs, timeout: float | None = None):
     return ray.get(refs, timeout=CALL_TIMEOUT_S if timeout is None else timeout)
 
 
+class CutFailed(ActorsLost):
+    """No consistent cut could be taken (actors dying or silent); the message says why."""
+
+
 class Recovery:
     """Checkpoints and recovery over the actors of one run (source first in ``actors``)."""
 
@@ -72,7 +76,9 @@ class Recovery:
                 if not final:
                     get([a.resume.remote() for a in actors])
                 return outstanding, held
-            except ACTOR_TROUBLE:
+            except ACTOR_TROUBLE as e:
+                if final:  # a stop: no waiting for restarts (on scancel, Ray itself is going down)
+                    raise CutFailed(f"an actor is gone or silent ({type(e).__name__})") from None
                 # An actor died during the cut: let the others go on, wait for it, cut again.
                 for ref in [a.resume.remote() for a in actors]:
                     try:
@@ -95,7 +101,16 @@ class Recovery:
         """Snapshot every task in flight into the store; return how many (-1 if it could not be written).
         ``final``: the checkpoint of a stop, after which no step starts (see ``cut``)."""
         t0 = time.monotonic()
-        outstanding, held = self.cut(final=final)
+        try:
+            outstanding, held = self.cut(final=final)
+        except CutFailed as e:
+            if not final:
+                raise
+            self.checkpoint_failures += 1
+            log.error("the checkpoint of the stop could not be taken: %s; in-flight tasks restart from the last "
+                      "checkpoint", e)
+            self.event("checkpoint_failed", tasks=0, error=str(e))
+            return -1
         messages = list(held.values())
         try:
             self.store.write_snapshot(messages, meta={"run_id": self.run_id, "in_flight": len(messages)})

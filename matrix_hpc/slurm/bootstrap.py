@@ -192,8 +192,7 @@ def start_head(node: Node, adir: Path, extra_args: list[str], timeout: float) ->
     except Exception as e:  # noqa: BLE001 - any failure of the last try: worded with the node's log
         raise BootstrapError(f"the Ray head on {node.name} did not come up ({e}); "
                              f"{ray_node.log_path}:\n{ray_node.log_tail()}") from None
-    (adir / "head.tmp").write_text(address)
-    (adir / "head.tmp").rename(adir / "head")
+    _publish_head(adir, address)  # again, if it was not published before the driver connected
     return ray_node, address
 
 
@@ -209,6 +208,12 @@ def _start_or_clean_up(ray_node: RayNode, node: Node, timeout: float) -> str:
         raise
 
 
+def _publish_head(adir: Path, address: str) -> None:
+    """The head's address, for the other nodes."""
+    (adir / "head.tmp").write_text(address)
+    (adir / "head.tmp").rename(adir / "head")
+
+
 def _start_and_connect(ray_node: RayNode, node: Node, timeout: float) -> str:
     import ray
 
@@ -221,6 +226,7 @@ def _start_and_connect(ray_node: RayNode, node: Node, timeout: float) -> str:
         if time.monotonic() > end:
             raise RuntimeError(f"no answer on {node.ip}:{port} within {timeout:.0f}s")
         time.sleep(_POLL_S)
+    _publish_head(ray_node.log_path.parent, f"{node.ip}:{port}")
     ray.init(address=f"{node.ip}:{port}", _node_ip_address=node.ip, log_to_driver=False)
     return f"{node.ip}:{port}"
 
@@ -266,10 +272,9 @@ def run_worker(node: Node, adir: Path, extra_args: list[str], timeout: float) ->
             (adir / f"node-{node.rank}.failed").write_text(f"no Ray head address within {timeout:.0f}s")
             return 1
         time.sleep(_POLL_S)
-    address = head_file.read_text().strip()
     for attempt in range(1, START_ATTEMPTS + 1):
         ray_node = RayNode(node, adir, extra_args)
-        ray_node.start(head_address=address)
+        ray_node.start(head_address=head_file.read_text().strip())  # the head's latest, if it was restarted
         try:
             while not done_file.exists():
                 code = ray_node.exited()

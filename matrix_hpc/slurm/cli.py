@@ -121,7 +121,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _sbatch_script(args: argparse.Namespace) -> int:
-    from matrix_hpc.slurm.submit import SubmitError, preflight, standalone_sbatch_text, write_options
+    from matrix_hpc.slurm.submit import SubmitError, preflight, standalone_sbatch_text, write_options, write_record
 
     try:
         job, spec = _load(args)
@@ -129,7 +129,9 @@ def _sbatch_script(args: argparse.Namespace) -> int:
     except (JobFileError, SubmitError) as e:
         print(f"matrix-hpc sbatch-script: error: {e}", file=sys.stderr)
         return 2
-    write_options(job, spec, nodes_timeout_s=args.nodes_timeout_s)
+    # The job records its id in the run directory when it starts (entry.py): status, logs, cancel and
+    # resume then treat it as one from `submit`; resume submits it with these settings.
+    write_record(job, spec, write_options(job, spec, nodes_timeout_s=args.nodes_timeout_s))
     text = standalone_sbatch_text(job, spec)
     if args.output:
         args.output.write_text(text)
@@ -170,7 +172,9 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _status_with_slurm(args: argparse.Namespace, inner) -> int:
-    """Today's totals plus the Slurm job's state; a run still pending in Slurm has no store yet."""
+    """Today's totals plus the Slurm job's state and the per-node view; a run still pending in
+    Slurm has no store yet."""
+    from matrix_hpc.runtime.nodes import describe, read_node_view
     from matrix_hpc.slurm.status import slurm_state
 
     state = slurm_state(args.run_dir)
@@ -181,7 +185,7 @@ def _status_with_slurm(args: argparse.Namespace, inner) -> int:
         code = inner(args)
     if getattr(args, "json", False):
         totals = json.loads(out.getvalue()) if code == 0 else {"store": "not created yet"}
-        print(json.dumps({**totals, "slurm": state}, indent=2))
+        print(json.dumps({**totals, "slurm": state, "nodes": read_node_view(args.run_dir)}, indent=2))
         return 0
     if code == 0:
         print(out.getvalue(), end="")
@@ -191,6 +195,8 @@ def _status_with_slurm(args: argparse.Namespace, inner) -> int:
     reason = f" ({state['reason']})" if state.get("reason") not in (None, "", "None") else ""
     print(f"slurm       job {state['job_id']} {state['state'].lower()}{reason}{where}; "
           f"requeued {state['requeues']} time(s)")
+    for line in describe(read_node_view(args.run_dir)):
+        print(f"            {line}")
     return 0
 
 

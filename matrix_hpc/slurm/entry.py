@@ -20,14 +20,19 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from matrix_hpc.runtime.summary import Exit
 from matrix_hpc.slurm import bootstrap
 from matrix_hpc.slurm.bootstrap import Node
 
 log = logging.getLogger("matrix_hpc.slurm")
 
+# After SIGTERM (scancel), the time the driver has to checkpoint and stop before this node stops its
+# Ray and cleans up: well under Slurm's KillWait (30 s by default, 10 s on the local Slurm).
+TERM_DEADLINE_S = 4.0
 CANCEL_MARKER = "cancel-requested"  # under <run_dir>/slurm: `matrix-hpc cancel` asked to stop without requeue
 
 
@@ -73,10 +78,29 @@ def run_node(job_path: Path, run_dir: Path) -> int:
     _private_ray(run_dir)
     log.info("node %d/%d %s (%s): %d CPU(s), %d GPU(s); job %s, requeue %d", node.rank, node.num_nodes, node.name,
              node.ip, node.cpus, node.gpus, node.job_id, node.restart)
+    if node.rank == 0:
+        record_job_id(run_dir, node.job_id)
     if node.rank != 0:
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # the head handles it for the whole run
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)  # scancel: stop this node's Ray, clean its scratch
         return bootstrap.run_worker(node, adir, list(options.ray_worker_args), options.nodes_timeout_s)
     return _run_head(node, adir, job_path, run_dir, options)
+
+
+def _exit_on_sigterm(signum, _frame) -> None:
+    log.warning("got SIGTERM: stopping this node's Ray")
+    raise SystemExit(128 + signum)
+
+
+def record_job_id(run_dir: Path, job_id: str) -> None:
+    """The run's Slurm job, as ``submit`` records it; a job started by plain ``sbatch`` records itself
+    here, so that status, logs, cancel and resume find it."""
+    path = run_dir / "slurm" / "job_id"
+    if path.exists() and path.read_text().strip() == job_id:
+        return
+    tmp = path.with_name(f"job_id.{os.getpid()}")
+    tmp.write_text(f"{job_id}\n")
+    tmp.rename(path)
 
 
 def _private_ray(run_dir: Path) -> None:
@@ -98,31 +122,44 @@ def _run_head(node: Node, adir: Path, job_path: Path, run_dir: Path, options: Op
 
     stop = threading.Event()
     signals: list[int] = []
+    term_deadline: list[float] = []
 
     def on_signal(signum, _frame):
         log.warning("got %s: checkpointing the tasks in flight and stopping", signal.Signals(signum).name)
         signals.append(signum)
+        if signum == signal.SIGTERM:
+            term_deadline.append(time.monotonic() + TERM_DEADLINE_S)
         stop.set()
 
     signal.signal(signal.SIGUSR2, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    ray_node = None
+    ray_node, terminated = None, False
     try:
         ray_node, address = bootstrap.start_head(node, adir, list(options.ray_head_args), options.nodes_timeout_s)
+        # ray.init installed Ray's own SIGTERM handler (it aborts the process): ours again.
+        signal.signal(signal.SIGTERM, on_signal)
         os.environ["RAY_ADDRESS"] = address
         bootstrap.wait_for_nodes(node, adir, options.nodes_timeout_s, stop)
         if stop.is_set():  # signalled while Ray came up: nothing ran yet, nothing to checkpoint
             interrupted = True
         else:
             log.info("all %d node(s) joined Ray at %s", node.num_nodes, address)
-            summary = _drive(job_path, run_dir, stop)
+            summary = _drive(job_path, run_dir, stop, term_deadline)
             interrupted = summary.interrupted
+    except _Terminated:
+        terminated = True
     finally:
         (adir / "done").write_text("")
-        if ray.is_initialized():
+        if ray.is_initialized() and not terminated:  # a Ray that is going down can hang the call
             ray.shutdown()
         if ray_node is not None:
-            ray_node.stop()
+            ray_node.stop(timeout=2.0 if terminated else 5.0)  # and its scratch folder is removed
+    if terminated:
+        log.error("terminated: the checkpoint did not finish within %gs of SIGTERM (Slurm signals Ray's processes "
+                  "too); in-flight tasks restart from the last checkpoint; continue with matrix-hpc resume %s",
+                  TERM_DEADLINE_S, run_dir)
+        logging.shutdown()
+        os._exit(128 + signal.SIGTERM)  # the driver thread may be stuck on the Ray that is gone
     if not interrupted:
         if summary.stopped_by:  # a fault (full disk, ...): requeueing would meet it again
             log.error("stopped: %s; after fixing it, continue with matrix-hpc resume %s", summary.stopped_by, run_dir)
@@ -132,8 +169,13 @@ def _run_head(node: Node, adir: Path, job_path: Path, run_dir: Path, options: Op
     return _after_interruption(node, run_dir, options, signals)
 
 
-def _drive(job_path: Path, run_dir: Path, stop: threading.Event):
-    """The driver runs in a thread so that this (main) thread stays free to handle signals."""
+class _Terminated(Exception):
+    """The driver did not stop within TERM_DEADLINE_S of a SIGTERM."""
+
+
+def _drive(job_path: Path, run_dir: Path, stop: threading.Event, term_deadline: list[float]):
+    """The driver runs in a thread so that this (main) thread stays free to handle signals; after
+    SIGTERM it has until ``term_deadline`` to checkpoint and stop."""
     from matrix_hpc.job.load import load_job
     from matrix_hpc.runtime.driver import run
 
@@ -146,10 +188,12 @@ def _drive(job_path: Path, run_dir: Path, stop: threading.Event):
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
             outcome["error"] = e
 
-    thread = threading.Thread(target=target, name="matrix-hpc-driver")
+    thread = threading.Thread(target=target, name="matrix-hpc-driver", daemon=True)
     thread.start()
     while thread.is_alive():
         thread.join(0.5)
+        if term_deadline and time.monotonic() > term_deadline[0]:
+            raise _Terminated
     if "error" in outcome:
         raise outcome["error"]
     return outcome["summary"]
@@ -159,10 +203,10 @@ def _after_interruption(node: Node, run_dir: Path, options: Options, signals: li
     """Requeue after USR2 (preemption or time limit), unless cancelled or requeued too often."""
     if (run_dir / "slurm" / CANCEL_MARKER).exists():
         log.info("cancelled by matrix-hpc cancel: in-flight tasks saved; continue with matrix-hpc resume %s", run_dir)
-        return 0
+        return Exit.INTERRUPTED  # never "completed 0:0" in Slurm's accounting; `status` says cancelled
     if signal.SIGUSR2 not in signals:
-        log.info("terminated: in-flight tasks saved; continue with matrix-hpc resume %s", run_dir)
-        return 1
+        log.info("terminated; continue with matrix-hpc resume %s", run_dir)
+        return Exit.INTERRUPTED
     if node.restart >= options.max_requeues:
         log.error("not requeued: already requeued %d time(s) (slurm.max_requeues); continue with "
                   "matrix-hpc resume %s", node.restart, run_dir)

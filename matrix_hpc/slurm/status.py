@@ -6,6 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from matrix_hpc.runtime.nodes import node_log
 from matrix_hpc.slurm.entry import CANCEL_MARKER
 
 _POLL_S = 0.5
@@ -25,6 +26,13 @@ def slurm_state(run_dir: Path) -> dict | None:
         job_id = job_id_of(run_dir)
     except FileNotFoundError:
         return None
+    state = _job_state(run_dir, job_id)
+    if state["state"] in _ENDED and (run_dir / "slurm" / CANCEL_MARKER).exists():
+        state["state"] = "CANCELLED"  # by matrix-hpc cancel: checkpointed, then stopped on purpose
+    return state
+
+
+def _job_state(run_dir: Path, job_id: str) -> dict:
     fields = _scontrol_fields(job_id)
     if fields:
         return {"job_id": job_id, "state": fields.get("JobState", "UNKNOWN"), "reason": fields.get("Reason"),
@@ -46,10 +54,12 @@ def _scontrol_fields(job_id: str) -> dict[str, str]:
 
 
 def node_logs(run_dir: Path, node: int) -> list[Path]:
-    """The stdout and stderr files of node ``node`` of the latest job (submitit names them); for
-    node 0 also the driver's log of the run (``logs/run.log``, where it writes while it runs)."""
+    """The stdout and stderr files of node ``node`` of the latest job (submitit names them), the
+    output of the run's actors on that node (``logs/node-<node>.log``), and for node 0 also the
+    driver's log of the run (``logs/run.log``, where it writes while it runs)."""
     job_id = job_id_of(run_dir)
     paths = [run_dir / "slurm" / f"{job_id}_{node}_log.{ext}" for ext in ("out", "err")]
+    paths.append(node_log(run_dir, node))
     if node == 0:
         paths.append(run_dir / "logs" / "run.log")
     existing = [p for p in paths if p.exists()]

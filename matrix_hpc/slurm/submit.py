@@ -155,9 +155,14 @@ def submit(job: Job, spec: SlurmSpec, *, nodes_timeout_s: float = 300.0, ray_wor
     except submitit.core.utils.FailedJobError as e:
         raise SubmitError(f"Slurm refused the job: {sbatch_reason(str(e))}") from None
     (slurm_dir / "job_id").write_text(f"{submitted.job_id}\n")
-    record = {"job": str(job.path), "slurm": spec.model_dump(), "options": options}
-    (slurm_dir / "submit.json").write_text(json.dumps(record, indent=1))
+    write_record(job, spec, options)
     return Submitted(submitted.job_id, job.run_dir)
+
+
+def write_record(job: Job, spec: SlurmSpec, options: dict[str, Any]) -> None:
+    """How the run goes to Slurm (job file, settings, options), for ``matrix-hpc resume``."""
+    record = {"job": str(job.path), "slurm": spec.model_dump(), "options": options}
+    (job.run_dir / "slurm" / "submit.json").write_text(json.dumps(record, indent=1))
 
 
 def write_options(job: Job, spec: SlurmSpec, *, nodes_timeout_s: float = 300.0,
