@@ -314,9 +314,12 @@ def test_two_node_run_hits_its_time_limit_requeues_and_commits_every_row_once(sl
     again = r.cli("submit", str(r.job))  # never submitted twice
     assert again.returncode == 2 and f"as Slurm job {job_id}" in again.stderr, again.stderr
     r.wait(lambda: len(r.committed()) >= 1, 180, "the first commit", job_id)
-    # Shorten the time limit of the running job: Slurm sends USR2 signal_delay_s before it ends
-    # (give or take its 30 s timer), the run checkpoints and requeues itself.
-    subprocess.run(["scontrol", "update", f"jobid={job_id}", "timelimit=2"], check=True, timeout=30)
+    # Shorten the time limit of the running job to 2 minutes from now: Slurm sends USR2
+    # signal_delay_s before it ends (give or take its 30 s timer), the run checkpoints and requeues itself.
+    elapsed = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%M"], capture_output=True, text=True,
+                             timeout=30).stdout.strip()
+    minutes = sum(int(x) * 60**i for i, x in enumerate(reversed(elapsed.split(":")))) // 60
+    subprocess.run(["scontrol", "update", f"jobid={job_id}", f"timelimit={minutes + 2}"], check=True, timeout=30)
     r.wait(lambda: any((r.run_dir / "slurm" / "ray").glob(f"{job_id}.1")), 150, "the requeued job to start")
     subprocess.run(["scontrol", "update", f"jobid={job_id}", "timelimit=10"], check=True, timeout=30)
     snapshot, committed, before = r.snapshot_steps(), r.committed(), r.calls()  # as the USR2 checkpoint left them

@@ -31,6 +31,7 @@ from matrix_hpc.retry import retrying_sync
 log = logging.getLogger("matrix_hpc.slurm")
 
 _POLL_S = 0.2
+_HEAD_STARTED = "Ray runtime started"  # what `ray start --head` prints once the head runs
 START_ATTEMPTS = 3  # `ray start` of a node, before the run fails
 LOG_TAIL_LINES = 30
 
@@ -226,9 +227,31 @@ def _start_and_connect(ray_node: RayNode, node: Node, timeout: float) -> str:
         if time.monotonic() > end:
             raise RuntimeError(f"no answer on {node.ip}:{port} within {timeout:.0f}s")
         time.sleep(_POLL_S)
-    _publish_head(ray_node.log_path.parent, f"{node.ip}:{port}")
-    ray.init(address=f"{node.ip}:{port}", _node_ip_address=node.ip, log_to_driver=False)
-    return f"{node.ip}:{port}"
+    address = f"{node.ip}:{port}"
+    # The other nodes join while this process connects as the driver (each takes seconds on a loaded
+    # node), but only once the head is fully up: a node joining a head still starting competes with
+    # it and can miss Ray's 30 s registration deadline.
+    published = _wait_for_head_started(ray_node, end)
+    if published:
+        _publish_head(ray_node.log_path.parent, address)
+    ray.init(address=address, _node_ip_address=node.ip, log_to_driver=False)
+    if not published:
+        _publish_head(ray_node.log_path.parent, address)
+    return address
+
+
+def _wait_for_head_started(ray_node: RayNode, end: float) -> bool:
+    """Until ``ray start`` says the head runs (True); False if its log never says so by ``end``."""
+    while time.monotonic() < end:
+        if ray_node.exited() is not None:
+            raise RuntimeError(f"`ray start` exited with {ray_node.exited()}")
+        try:
+            if _HEAD_STARTED in ray_node.log_path.read_text(errors="replace"):
+                return True
+        except OSError:
+            pass
+        time.sleep(_POLL_S)
+    return False
 
 
 def _accepts(ip: str, port: int) -> bool:
