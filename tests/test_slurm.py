@@ -245,6 +245,20 @@ def test_a_node_gets_what_slurm_granted_and_its_cluster_address(slurm_conf):
     assert (no_gpu.gpus, no_gpu.ip) == (0, "127.0.0.2")
 
 
+def test_the_per_node_view_counts_dead_incarnations_and_keeps_each_nodes_latest_error():
+    from matrix_hpc.runtime.nodes import describe, node_view
+
+    error = {"error": "ValueError: bad row", "role": "ping", "task_id": "r7#0", "step": 2, "at": 20.0}
+    older = {**error, "error": "KeyError: 'x'", "at": 10.0}
+    dead = {"node": "1 node2", "steps": 5, "inbox": 9, "active": 1, "last_error": older}  # a restarted actor's
+    live = [{"node": "0 node1", "steps": 7, "inbox": 2, "active": 1, "last_error": None},
+            {"node": "1 node2", "steps": 3, "inbox": 0, "active": 4, "last_error": error}]
+    view = node_view(live, [dead, *live])
+    assert describe(view) == [
+        "node 0 node1: 3 task(s) in flight, 7 step(s)",
+        "node 1 node2: 4 task(s) in flight, 8 step(s); last error ValueError: bad row (role ping, task r7#0)"]
+
+
 def test_unknown_slurm_key_is_a_file_line_error(slurm_run):
     r = slurm_run(rows=3)
     r.job.write_text(r.job.read_text().replace('"time_min"', '"partiton": "x", "time_min"'))
