@@ -75,6 +75,9 @@ def run_node(job_path: Path, run_dir: Path) -> int:
     adir = bootstrap.attempt_dir(run_dir, node)
     os.environ[bootstrap.CLUSTER_ENV] = "1"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Each node's Ray is stopped once the run's work is over (or the job is going down): no 30 s
+    # drain on its SIGTERM, which on a worker waits for a head that is already gone.
+    os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     _private_ray(run_dir)
     log.info("node %d/%d %s (%s): %d CPU(s), %d GPU(s); job %s, requeue %d", node.rank, node.num_nodes, node.name,
              node.ip, node.cpus, node.gpus, node.job_id, node.restart)
