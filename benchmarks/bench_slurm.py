@@ -96,6 +96,11 @@ def preempt() -> float:
     return t
 
 
+def attempt(run_dir: Path, job_id: str) -> int:
+    """The latest start of the job (its requeue count), from the bootstrap's folders."""
+    return max((int(p.name.split(".")[1]) for p in (run_dir / "slurm" / "ray").glob(f"{job_id}.*")), default=-1)
+
+
 def _log_time(line: str) -> float:
     """The wall-clock time of a log line ("2026-12-05 17:03:31,084 ...")."""
     return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
@@ -106,7 +111,7 @@ def breakdown(run_dir: Path, job_id: str, requeue: int, signal_at: float, commit
     and the run's events: the requeue and Slurm (until node 0's task starts), Ray (head up, driver
     connected, every node joined), the store opened, then services, actors and the first row."""
     lines = (run_dir / "slurm" / f"{job_id}_0_log.err").read_text(errors="replace").splitlines()
-    start = next(i for i, ln in enumerate(lines) if f"job {job_id}, requeue {requeue}" in ln)
+    start = max(i for i, ln in enumerate(lines) if f"job {job_id}, requeue {requeue}" in ln)
     after = lines[start:]
     t_start = _log_time(after[0])
     t_connected = next(_log_time(ln) for ln in after if "Connected to Ray cluster" in ln)
@@ -144,17 +149,19 @@ def main() -> None:
                 if before >= rows:
                     print(f"the run finished after {i} preemption(s)")
                     break
+                last = attempt(run_dir, job_id)
                 signal_wall = time.time()
                 signal_at = preempt()
-                wait_until(lambda n=i + 1: (run_dir / "slurm" / "ray" / f"{job_id}.{n}").exists(), 600, "the requeue",
-                           job_id)
+                wait_until(lambda a=last: attempt(run_dir, job_id) > a, 600, "the requeue", job_id)
                 # Counted once the stopped job is gone: it commits the rows that finish while it stops.
                 before = committed(run_dir)
                 new = wait_until(lambda b=before: committed(run_dir) > b, 600, "a new commit after the requeue", job_id)
                 resumes.append(new - signal_at)
-                parts = breakdown(run_dir, job_id, i + 1, signal_wall, time.time() - (time.monotonic() - new))
+                now = attempt(run_dir, job_id)
+                parts = breakdown(run_dir, job_id, now, signal_wall, time.time() - (time.monotonic() - new))
                 print(f"preemption {i + 1}: signal -> requeued job's first new commit {resumes[-1]:.1f} s ("
-                      + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()) + ")")
+                      + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()) + ")"
+                      + (f" [requeued {now - last} times: another job preempted it too]" if now > last + 1 else ""))
             wait_until(lambda: squeue_state(job_id) == "", 1200, "the run to finish")
         finally:
             subprocess.run(["scancel", job_id], capture_output=True)
