@@ -129,7 +129,7 @@ class RayNode:
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM the node's Ray (``ray start --block`` stops what it started), SIGKILL if it lingers
-        (on SIGTERM it drains the node for up to 30 s; the run's work is over by now)."""
+        (it does not drain: the entry sets RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0; the run's work is over by now)."""
         if self.proc is not None and self.proc.poll() is None:
             _signal_group(self.proc.pid, signal.SIGTERM)
             try:
