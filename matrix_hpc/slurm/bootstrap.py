@@ -100,6 +100,7 @@ class RayNode:
         self.temp_dir: Path | None = None
         self.extra_args = extra_args
         self.proc: subprocess.Popen | None = None
+        self.log_offset = 0
 
     def start(self, *, head_port: int | None = None, head_address: str | None = None) -> None:
         self.temp_dir = node_temp_dir(self.node)
@@ -118,6 +119,7 @@ class RayNode:
         with open(self.log_path, "ab") as log:
             log.write(f"$ {' '.join(argv)}\n".encode())
             log.flush()
+            self.log_offset = log.tell()  # where this start's output begins (the log is kept across retries)
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True, preexec_fn=_ignore_usr2)
 
@@ -231,12 +233,9 @@ def _start_and_connect(ray_node: RayNode, node: Node, timeout: float) -> str:
     # The other nodes join while this process connects as the driver (each takes seconds on a loaded
     # node), but only once the head is fully up: a node joining a head still starting competes with
     # it and can miss Ray's 30 s registration deadline.
-    published = _wait_for_head_started(ray_node, end)
-    if published:
+    if _wait_for_head_started(ray_node, end):  # else start_head publishes it once connected
         _publish_head(ray_node.log_path.parent, address)
     ray.init(address=address, _node_ip_address=node.ip, log_to_driver=False)
-    if not published:
-        _publish_head(ray_node.log_path.parent, address)
     return address
 
 
@@ -246,8 +245,10 @@ def _wait_for_head_started(ray_node: RayNode, end: float) -> bool:
         if ray_node.exited() is not None:
             raise RuntimeError(f"`ray start` exited with {ray_node.exited()}")
         try:
-            if _HEAD_STARTED in ray_node.log_path.read_text(errors="replace"):
-                return True
+            with open(ray_node.log_path, "rb") as log:
+                log.seek(ray_node.log_offset)
+                if _HEAD_STARTED.encode() in log.read():
+                    return True
         except OSError:
             pass
         time.sleep(_POLL_S)
