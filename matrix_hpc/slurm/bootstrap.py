@@ -139,6 +139,10 @@ class RayNode:
             except subprocess.TimeoutExpired:
                 _signal_group(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        if self.proc is not None:
+            # What `ray start` left of its group (raylet, GCS, workers still exiting) would write
+            # into the folder again while it is being removed.
+            _signal_group(self.proc.pid, signal.SIGKILL)
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
