@@ -286,6 +286,7 @@ def main() -> int:
     ap.add_argument("--backend", choices=["vllm", "sim"], default="vllm",
                     help="vllm: the real CPU engine (above); sim: a simulated GPU engine (paper_sim.py)")
     ap.add_argument("--sim-scenario-rows", type=int, default=256, help="sim: tasks in flight per scenario job")
+    ap.add_argument("--sim-tool-use-rows", type=int, default=64, help="sim: tool_use tasks in flight (sandbox-bound)")
     ap.add_argument("--sim-longtail", default="256,1024,4096", help="sim: long-tail workload sizes in flight")
     ap.add_argument("--sim-only", default="", help="sim: only these cases (comma-separated names)")
     args = ap.parse_args()
