@@ -1,0 +1,267 @@
+"""Scale: N workflows in flight at once (default 100,000) on a simulated engine, multi-turn.
+
+The long-tail workload (benchmarks/longtail: 1-12 turns per row) with every row let in at once
+(``max_in_flight`` = N), against one simulated engine (``backend: sim``) that holds every request
+in one batch: a call lasts ``--call-s`` seconds of wall time (``--tokens`` engine steps), plus the
+simulator's own Python time per step, so the tasks wait on the "model" and stay in flight.
+
+    1. ``matrix-hpc run`` in a session of its own; SIGUSR2 (a checkpoint) every ``--signal-s``;
+    2. once a checkpoint has held (nearly) all N tasks and some rows are committed: kill -9 of
+       every process of the session (driver, Ray's daemons, workers), as a node failure would;
+    3. ``matrix-hpc resume RUN_DIR`` to the end; then every row must be committed exactly once
+       (read back with the store API).
+
+Prints the peak PSS of all the run's processes (psutil ``memory_full_info().pss`` summed over the
+session), tasks/s, each checkpoint's size and time, and the resume's start-up and total time, with
+the load average next to each figure. Everything about the engine is simulated; the runtime, Ray,
+gRPC and the store are real.
+
+Usage: python benchmarks/bench_scale.py [--rows 100000] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import yaml
+from matrix_hpc.v1 import task_pb2
+
+from matrix_hpc import load_job
+from matrix_hpc.store import RunStore
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from paper_sim import LONGTAIL, write_longtail_rows  # noqa: E402
+
+
+def load() -> str:
+    return "load {:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg())
+
+
+def prepare(out: Path, rows: int, call_s: float, tokens: int, checkpoint_s: float) -> Path:
+    d = out / "longtail"
+    shutil.copytree(LONGTAIL, d)
+    write_longtail_rows(d / "rows.jsonl", rows)
+    spec = yaml.safe_load((d / "job.yaml").read_text())
+    spec["roles"]["talker"]["concurrency"] = rows
+    spec["run"].update(max_in_flight=rows, output_dir="run", checkpoint_interval_s=checkpoint_s)
+    # one batch holds every request; only the per-step time counts, so a call lasts ~call_s
+    sim = {"step_s": call_s / tokens, "prefill_token_s": 0, "decode_seq_s": 0, "kv_token_s": 0,
+           "max_num_seqs": rows, "kv_cache_tokens": 10**9, "output_tokens": {"dist": "fixed", "mean": tokens}}
+    spec["services"]["llm"]["smol"].update(sim=sim, max_concurrency=rows)
+    (d / "job.yaml").write_text(yaml.safe_dump(spec))
+    return d / "job.yaml"
+
+
+def cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "matrix_hpc.cli", *args], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def session_pids(sid: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" ", 1)
+            if int(rest.rsplit(")", 1)[1].split()[3]) == sid:
+                pids.append(int(pid))
+        except (OSError, ValueError, IndexError):
+            continue
+    return pids
+
+
+def session_pss(sid: int) -> int:
+    total = 0
+    for pid in session_pids(sid):
+        try:
+            total += psutil.Process(pid).memory_full_info().pss
+        except (psutil.Error, OSError):
+            pass
+    return total
+
+
+def session_cpu(sid: int) -> float:
+    total = 0.0
+    for pid in session_pids(sid):
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except (psutil.Error, OSError):
+            pass
+    return total
+
+
+class Watch:
+    """Polls one session's PSS (peak, with the load average at the peak) on a thread."""
+
+    def __init__(self, sid: int, every_s: float = 2.0):
+        self.sid, self.every_s, self.peak, self.peak_load = sid, every_s, 0, ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            pss = session_pss(self.sid)
+            if pss > self.peak:
+                self.peak, self.peak_load = pss, load()
+            self._stop.wait(self.every_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def store(run_dir: Path) -> RunStore | None:
+    try:
+        return RunStore.open(run_dir)
+    except Exception:  # noqa: BLE001 - not created yet
+        return None
+
+
+def checkpoints(run_dir: Path) -> list[dict]:
+    s = store(run_dir)
+    return [e for e in s.events() if e["kind"] == "checkpoint"] if s else []
+
+
+def run_until_full_checkpoint(job_path: Path, run_dir: Path, rows: int, timeout_s: float, signal_s: float) -> dict:
+    """Start the run and ask for a checkpoint (SIGUSR2) every ``signal_s``; once one held >= 90% of the
+    rows and some rows are committed, kill -9 its session. Return what was seen."""
+    t0 = time.monotonic()
+    proc = cli("run", str(job_path), "--no-progress", "--json")
+    watch = Watch(proc.pid)
+    full, seen, last_signal, args_signal_s = None, {}, time.monotonic(), signal_s
+    try:
+        while time.monotonic() - t0 < timeout_s:
+            if proc.poll() is not None:
+                raise SystemExit(f"the run ended before it could be killed:\n{proc.stdout.read()[-3000:]}")
+            for e in checkpoints(run_dir):
+                key = (e.get("time"), e["tasks"], e["seconds"])
+                if key not in seen:
+                    seen[key] = load()
+                    print(f"  checkpoint: {e['tasks']} tasks in {e['seconds']:.2f} s ({seen[key]}; "
+                          f"{e.get('bytes', 0) / 2**20:.0f} MiB)", flush=True)
+                if e["tasks"] >= 0.9 * rows and full is None:
+                    full = e
+            if full is None and time.monotonic() - last_signal > args_signal_s and catches_sigusr2(proc.pid):
+                os.kill(proc.pid, signal.SIGUSR2)  # a checkpoint now (as Slurm's preemption signal asks)
+                last_signal = time.monotonic()
+            committed = len(store(run_dir).committed()) if full else 0
+            if full and committed > 0:
+                cpu = session_cpu(proc.pid)
+                kill_session(proc.pid)
+                proc.wait()
+                watch.stop()
+                return {"full": full, "full_load": seen, "killed_at_s": time.monotonic() - t0,
+                        "committed_at_kill": committed, "peak_pss": watch.peak, "peak_load": watch.peak_load,
+                        "cpu_s": cpu}
+            time.sleep(1.0)
+        raise SystemExit(f"no checkpoint of {rows} tasks within {timeout_s} s")
+    finally:
+        watch.stop()
+        if proc.poll() is None:
+            kill_session(proc.pid)
+
+
+def catches_sigusr2(pid: int) -> bool:
+    """Whether the driver has installed its SIGUSR2 handler (before, the signal would end it)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGUSR2 - 1) & 1)
+    return False
+
+
+def kill_session(sid: int) -> None:
+    for pid in session_pids(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def resume(run_dir: Path, timeout_s: float) -> dict:
+    t0 = time.monotonic()
+    proc = cli("resume", str(run_dir), "--no-progress", "--json")
+    watch = Watch(proc.pid)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    finally:
+        watch.stop()
+        if proc.poll() is None:
+            kill_session(proc.pid)
+    wall = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"resume failed ({proc.returncode}):\n{out[-3000:]}")
+    summary = json.loads(out.strip().splitlines()[-1])
+    return {"summary": summary, "wall_s": wall, "peak_pss": watch.peak, "peak_load": watch.peak_load,
+            "load_end": load()}
+
+
+def exactly_once(run_dir: Path, rows: int) -> None:
+    """Every row committed once, done, with every one of its turns."""
+    ids, turns_ok = Counter(), 0
+    for data in RunStore.open(run_dir).iter_results():
+        t = task_pb2.Task.FromString(data)
+        ids[t.task_id] += 1
+        turns_ok += t.status == task_pb2.TASK_STATUS_DONE
+    want = Counter({f"c{i}#0": 1 for i in range(rows)})
+    assert ids == want, (f"rows committed: {sum(ids.values())} ({len(ids)} distinct) of {rows}; "
+                         f"missing {len(want - ids)}, repeated {sum(1 for n in ids.values() if n > 1)}")
+    assert turns_ok == rows, f"{rows - turns_ok} rows not done"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=100_000, help="workflows, all in flight at once")
+    ap.add_argument("--call-s", type=float, default=5.0, help="simulated seconds per LLM call")
+    ap.add_argument("--tokens", type=int, default=4, help="engine steps per call")
+    ap.add_argument("--checkpoint-s", type=float, default=3600.0, help="checkpoint_interval_s of the run")
+    ap.add_argument("--signal-s", type=float, default=3.0, help="SIGUSR2 (a checkpoint) this often until one is full")
+    ap.add_argument("--timeout-s", type=float, default=1800.0)
+    ap.add_argument("--dir", default=f"/tmp/bench-scale-{os.getpid()}")
+    ap.add_argument("--keep", action="store_true", help="keep the run directory")
+    args = ap.parse_args()
+    out = Path(args.dir)
+    out.mkdir(parents=True)
+    print(f"machine: {platform.node()} {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
+          f"{args.rows} rows all in flight, SIMULATED engine ({args.call_s} s per call); {load()}", flush=True)
+    try:
+        job_path = prepare(out, args.rows, args.call_s, args.tokens, args.checkpoint_s)
+        run_dir = load_job(job_path).run_dir
+        first = run_until_full_checkpoint(job_path, run_dir, args.rows, args.timeout_s, args.signal_s)
+        full = first["full"]
+        print(f"run: checkpoint of {full['tasks']} in-flight tasks in {full['seconds']:.2f} s; kill -9 at "
+              f"{first['killed_at_s']:.0f} s with {first['committed_at_kill']} rows committed; peak PSS "
+              f"{first['peak_pss'] / 2**30:.2f} GiB ({first['peak_load']}); {first['cpu_s']:.0f} CPU-s", flush=True)
+        res = resume(run_dir, args.timeout_s)
+        s = res["summary"]
+        startup = res["wall_s"] - s["processing_s"]
+        print(f"resume: {s['resumed']} tasks restored, {s['done']} rows done in {res['wall_s']:.1f} s "
+              f"({startup:.1f} s start-up and teardown, {s['processing_s']:.1f} s processing = "
+              f"{s['done'] / max(s['processing_s'], 1e-9):.0f} tasks/s); peak PSS {res['peak_pss'] / 2**30:.2f} GiB "
+              f"({res['peak_load']}); {res['load_end']}", flush=True)
+        exactly_once(run_dir, args.rows)
+        print(f"exactly once: all {args.rows} rows committed once, done (store API)", flush=True)
+        print(json.dumps({"rows": args.rows, "checkpoint": full, "first": {k: v for k, v in first.items()
+                          if k not in ("full", "full_load")}, "resume": res}, default=str))
+    finally:
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
