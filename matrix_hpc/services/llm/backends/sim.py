@@ -135,14 +135,17 @@ class SimBackend(Backend):
                 prefill += seq.context
         decoding = len(self._running)
         attended = sum(s.context for s in self._running)
-        for seq in list(self._running):
+        finished = False
+        for seq in self._running:
             seq.generated += 1
             self._kv_used += 1
             seq.out.put_nowait(seq.generated)
             if seq.generated >= seq.target_tokens:
-                self._running.remove(seq)
                 self._kv_used -= seq.context
                 seq.out.put_nowait(None)
+                finished = True
+        if finished:  # one pass, not list.remove per sequence (quadratic with 100,000 running)
+            self._running = [s for s in self._running if s.generated < s.target_tokens]
         while self._kv_used > cfg.kv_cache_tokens and len(self._running) > 1:
             victim = self._running.pop()  # the newest, as vLLM's recompute preemption does
             self._kv_used -= victim.context
