@@ -56,13 +56,19 @@ def prepare(out: Path, rows: int, call_s: float, tokens: int, checkpoint_s: floa
     write_longtail_rows(d / "rows.jsonl", rows)
     spec = yaml.safe_load((d / "job.yaml").read_text())
     spec["roles"]["talker"]["concurrency"] = rows
-    spec["run"].update(max_in_flight=rows, output_dir="run", checkpoint_interval_s=checkpoint_s)
+    # retries: under load, some LLM calls end CANCELLED (benchmarks/README.md); a try again recovers them
+    spec["run"].update(max_in_flight=rows, output_dir="run", checkpoint_interval_s=checkpoint_s,
+                       retry={"max_retries": 10, "backoff_s": 0.5})
     # one batch holds every request; only the per-step time counts, so a call lasts ~call_s
     sim = {"step_s": call_s / tokens, "prefill_token_s": 0, "decode_seq_s": 0, "kv_token_s": 0,
            "max_num_seqs": rows, "kv_cache_tokens": 10**9, "output_tokens": {"dist": "fixed", "mean": tokens}}
     spec["services"]["llm"]["smol"].update(sim=sim, max_concurrency=rows)
     (d / "job.yaml").write_text(yaml.safe_dump(spec))
     return d / "job.yaml"
+
+
+def max_turns(job_path: Path) -> int:
+    return max(json.loads(line)["turns"] for line in (job_path.parent / "rows.jsonl").open())
 
 
 def cli(*args: str) -> subprocess.Popen:
@@ -252,7 +258,9 @@ def main() -> int:
         print(f"resume: {s['resumed']} tasks restored, {s['done']} rows done in {res['wall_s']:.1f} s "
               f"({startup:.1f} s start-up and teardown, {s['processing_s']:.1f} s processing = "
               f"{s['done'] / max(s['processing_s'], 1e-9):.0f} tasks/s); peak PSS {res['peak_pss'] / 2**30:.2f} GiB "
-              f"({res['peak_load']}); {res['load_end']}", flush=True)
+              f"({res['peak_load']}); {res['load_end']}; {s['retries']} step retries", flush=True)
+        print(f"latency-bound ideal of the resume: {max_turns(job_path) * args.call_s:.0f} s (the longest row's "
+              "turns x the call time)", flush=True)
         exactly_once(run_dir, args.rows)
         print(f"exactly once: all {args.rows} rows committed once, done (store API)", flush=True)
         print(json.dumps({"rows": args.rows, "checkpoint": full, "first": {k: v for k, v in first.items()
