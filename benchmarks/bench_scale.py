@@ -36,9 +36,9 @@ from pathlib import Path
 
 import psutil
 import yaml
-from matrix_hpc.v1 import task_pb2
 
 from matrix_hpc import load_job
+from matrix_hpc._gen.v1 import task_pb2
 from matrix_hpc.store import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
