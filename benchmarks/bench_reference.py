@@ -133,8 +133,8 @@ def run_reference(venv: Path, rows_file: Path, rows: int, work: Path, timeout_s:
     done = sum(1 for _ in out_file.open()) if out_file.exists() else 0
     if rc != 0 or done < rows:
         raise RuntimeError(f"the reference exited {rc} with {done} of {rows} rows written:\n{out[-3000:]}")
-    hops = sum(len(json.loads(line).get("history") or json.loads(line).get("trajectory") or [])
-               for line in out_file.open())
+    # its history starts with the injected first message (no agent ran it): not a hop
+    hops = sum(len(json.loads(line).get("history") or []) - 1 for line in out_file.open())
     return {"tasks": done, "wall_s": wall, "cpu_s": cpu, "hops": hops, "load_before": before, "load_after": load()}
 
 
