@@ -22,6 +22,7 @@ import pytest
 from conftest import PROTO
 
 from matrix_hpc._gen.v1 import task_pb2
+from matrix_hpc.rundir import RunDir
 from matrix_hpc.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -229,7 +230,7 @@ def test_sbatch_script_runs_the_entry_on_every_node(slurm_run):
     assert out.returncode == 0, out.stderr
     assert "#SBATCH --nodes=2" in out.stdout and "#SBATCH --signal=USR2@10" in out.stdout
     assert re.search(r"srun .*-m matrix_hpc\.slurm\.entry \S+/job\.yaml \S+/out", out.stdout)
-    assert json.loads((r.run_dir / "slurm" / "options.json").read_text())["max_requeues"] == 10
+    assert RunDir(r.run_dir).record().options["max_requeues"] == 10
 
 
 def test_a_node_gets_what_slurm_granted_and_its_cluster_address(slurm_conf):
@@ -261,7 +262,7 @@ def test_bad_settings_are_refused_at_submit_with_slurms_reason(slurm_run, settin
     out = r.cli("submit", str(r.job), *settings)
     assert out.returncode == 2
     assert "Slurm refused the job" in out.stderr and reason in out.stderr, out.stderr
-    assert not (r.run_dir / "slurm" / "job_id").exists()
+    assert RunDir(r.run_dir).slurm_job_id() is None
 
 
 def test_node_local_run_directory_is_refused_for_several_nodes(slurm_run):

@@ -28,12 +28,12 @@ from pathlib import Path
 
 from matrix_hpc import fate
 from matrix_hpc._compat import RAY_LOCAL_ONLY_ENV, reload_ray_auth_config, set_ray_local_only
+from matrix_hpc.rundir import RunDir
 from matrix_hpc.services.auth import CredentialError, TLSPair, private_folder, secret_file, tls_pair
 from matrix_hpc.services.core.listen import CLUSTER_ENV
 
 log = logging.getLogger(__name__)
 
-CREDENTIALS_DIR = "credentials"
 SERVICE_SECRET_FILE = "service.secret"
 RAY_TOKEN_FILE = "ray.token"
 _RAY_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
@@ -91,7 +91,7 @@ def prepare_run_dir(run_dir: str | Path) -> Path:
 
 
 def credentials_dir(run_dir: str | Path) -> Path:
-    return private_folder(Path(run_dir) / CREDENTIALS_DIR)
+    return private_folder(RunDir(run_dir).credentials)
 
 
 def service_secret(run_dir: str | Path) -> str:

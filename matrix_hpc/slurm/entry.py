@@ -13,7 +13,6 @@ Called by submitit (``SlurmEntry``, pickled by ``matrix-hpc submit``) or directl
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -23,12 +22,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from matrix_hpc.rundir import RunDir
+from matrix_hpc.rundir.holder import SLURM_JOB, RunDirHeld
 from matrix_hpc.slurm import bootstrap
 from matrix_hpc.slurm.bootstrap import Node
 
 log = logging.getLogger("matrix_hpc.slurm")
-
-CANCEL_MARKER = "cancel-requested"  # under <run_dir>/slurm: `matrix-hpc cancel` asked to stop without requeue
 
 
 @dataclass(frozen=True)
@@ -40,10 +39,7 @@ class Options:
 
     @classmethod
     def load(cls, run_dir: Path) -> Options:
-        path = run_dir / "slurm" / "options.json"
-        if not path.exists():
-            return cls()
-        d = json.loads(path.read_text())
+        d = RunDir(run_dir).record().options
         return cls(max_requeues=d.get("max_requeues", 10), nodes_timeout_s=d.get("nodes_timeout_s", 300.0),
                    ray_head_args=tuple(d.get("ray_head_args", ())),
                    ray_worker_args=tuple(d.get("ray_worker_args", ())))
@@ -76,7 +72,24 @@ def run_node(job_path: Path, run_dir: Path) -> int:
     if node.rank != 0:
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # the head handles it for the whole run
         return bootstrap.run_worker(node, adir, list(options.ray_worker_args), options.nodes_timeout_s)
-    return _run_head(node, adir, job_path, run_dir, options)
+    return _hold_and_run_head(node, adir, job_path, run_dir, options)
+
+
+def _hold_and_run_head(node: Node, adir: Path, job_path: Path, run_dir: Path, options: Options) -> int:
+    """The run directory's one writer is this job: refused (exit 2, nothing run, not requeued) while
+    another live run holds it. Held by this job's id after it ends: alive while Slurm requeues it."""
+    rundir = RunDir(run_dir)
+    try:
+        lease = rundir.hold(SLURM_JOB, slurm_job=node.job_id)
+    except RunDirHeld as e:
+        log.error("not run: %s", e)
+        (adir / "done").write_text("")  # the other nodes stop waiting for a Ray head
+        return 2
+    try:
+        rundir.record_slurm_job(node.job_id)  # status, logs and cancel find an sbatch job too
+        return _run_head(node, adir, job_path, run_dir, options)
+    finally:
+        lease.hand_to_slurm(node.job_id)
 
 
 def _private_ray(run_dir: Path) -> None:
@@ -142,7 +155,7 @@ def _drive(job_path: Path, run_dir: Path, stop: threading.Event):
 
     def target():
         try:
-            outcome["summary"] = run(job, progress=False, stop_requested=stop)
+            outcome["summary"] = run(job, progress=False, stop_requested=stop, force=RunDir(run_dir).record().force)
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
             outcome["error"] = e
 
@@ -157,7 +170,7 @@ def _drive(job_path: Path, run_dir: Path, stop: threading.Event):
 
 def _after_interruption(node: Node, run_dir: Path, options: Options, signals: list[int]) -> int:
     """Requeue after USR2 (preemption or time limit), unless cancelled or requeued too often."""
-    if (run_dir / "slurm" / CANCEL_MARKER).exists():
+    if RunDir(run_dir).cancel_marker.exists():
         log.info("cancelled by matrix-hpc cancel: in-flight tasks saved; continue with matrix-hpc resume %s", run_dir)
         return 0
     if signal.SIGUSR2 not in signals:
