@@ -105,6 +105,13 @@ def _link_new(path: Path, holder: Holder) -> bool:
         tmp.unlink(missing_ok=True)
 
 
+def _replace(path: Path, holder: Holder) -> None:
+    """Rewrite the holder record of a hold we own (atomically: readers see the old or the new one)."""
+    tmp = path.with_name(f".{path.name}.{holder.token}")
+    tmp.write_text(json.dumps(asdict(holder)) + "\n")
+    tmp.replace(path)
+
+
 def slurm_job_state(job_id: str) -> str | None:
     """The job's state in Slurm ("" once it left the queue), or None when Slurm cannot say."""
     try:
@@ -184,11 +191,11 @@ class Lease:
     def hand_to_slurm(self, job_id: str) -> None:
         """The run continues as Slurm job ``job_id`` (just submitted): it holds the run directory now,
         alive while Slurm has it pending or running; its first node adopts the hold."""
-        handed = Holder(**{**asdict(self.holder), "command": SLURM_JOB, "slurm_job_id": str(job_id)})
-        tmp = self.path.with_name(f".{self.path.name}.{handed.token}")
-        tmp.write_text(json.dumps(asdict(handed)) + "\n")
-        tmp.replace(self.path)
         self._forget()
+        found = read_holder(self.path)
+        if found is None or found[0].token != self.holder.token:
+            return  # taken over meanwhile (this process was thought dead): not ours to hand on
+        _replace(self.path, Holder(**{**asdict(self.holder), "command": SLURM_JOB, "slurm_job_id": str(job_id)}))
 
     def __enter__(self) -> Lease:
         return self
@@ -205,7 +212,7 @@ def hold(run_dir, command: str, *, slurm_job: str | None = None) -> Lease:
     """Hold ``run_dir`` (a ``RunDir``) for this process, or raise ``RunDirHeld`` naming the live
     holder. A dead holder is taken over. ``slurm_job``: this is Slurm job ``slurm_job``'s first
     node, which adopts a hold recorded for that job (by ``submit``, or before a requeue)."""
-    path = Path(run_dir.holder_file).absolute()
+    path = Path(run_dir.holder_file).resolve()
     with _lock:
         if path in _held:
             _held[path].depth += 1
@@ -218,10 +225,8 @@ def hold(run_dir, command: str, *, slurm_job: str | None = None) -> Lease:
             if found is None:
                 continue  # released meanwhile
             current, age = found
-            if slurm_job and current.slurm_job_id == str(slurm_job):
-                tmp = path.with_name(f".{path.name}.{me.token}")
-                tmp.write_text(json.dumps(asdict(me)) + "\n")
-                tmp.replace(path)
+            if slurm_job and current.command == SLURM_JOB and current.slurm_job_id == str(slurm_job):
+                _replace(path, me)  # held for this very job (submitted, or requeued): adopt it
                 break
             live, state = alive(current, age)
             if live:
