@@ -343,6 +343,57 @@ def test_preemption_checkpoints_requeues_and_resumes_then_cancel_and_resume(slur
 
 
 @pytest.mark.slow
+def test_one_writer_on_slurm_then_a_forced_resume_and_never_a_second_submission(slurm_run):
+    """While a submitted job runs, a local run, a resume and a plain sbatch job of the same run
+    directory are refused, naming the job; after a cancel, a changed job resumes only with --force
+    (checked before submitting, and --force reaches the allocation); a complete run is never resubmitted."""
+    rows = 40
+    # 1 node, 4 rows in flight, 6 steps of 1-3 s: about two minutes of work, far longer than the checks.
+    r = slurm_run(rows=rows, step_s=2.0, in_flight=4)
+    job_id = r.submit()
+    r.wait(lambda: len(r.committed()) >= 1, 180, "the first commit", job_id)
+    holder = RunDir(r.run_dir).holder()
+    assert (holder.command, holder.slurm_job_id) == ("slurm job", job_id)  # adopted by the job's first node
+    for argv in (["run", str(r.job), "--no-progress"], ["resume", str(r.run_dir)]):
+        out = r.cli(*argv)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert f"{r.run_dir} is already running as Slurm job {job_id} (pid {holder.pid} on" in out.stderr, out.stderr
+    script = r.dir / "run.sbatch"
+    assert r.cli("sbatch-script", str(r.job), "--output", str(script)).returncode == 0
+    sbatch = r.user.run(["sbatch", "--parsable", str(script)], env=r.env, timeout=60)
+    assert sbatch.returncode == 0, sbatch.stderr
+    second = sbatch.stdout.strip().split(";")[0]
+    r.job_ids.append(second)
+    r.wait_ended(second, 180)
+    err = RunDir(r.run_dir).node_log(second, 0, "err").read_text()
+    assert f"not run: {r.run_dir} is already running as Slurm job {job_id}" in err, err
+    assert r.state(job_id) == "RUNNING" and RunDir(r.run_dir).slurm_job_id() == job_id
+
+    cancelled = r.cli("cancel", str(r.run_dir), timeout=180)
+    assert cancelled.returncode == 0 and "checkpointed and stopped" in cancelled.stdout, cancelled.stdout
+    kept = len(r.committed())
+    assert 0 < kept < rows, "the run finished before the cancel"
+    (r.dir / "agents.py").write_text((r.dir / "agents.py").read_text() + "\n# edited\n")
+    refused = r.cli("resume", str(r.run_dir))
+    assert refused.returncode == 2 and "changed since: agent_code" in refused.stderr, refused.stderr
+    assert RunDir(r.run_dir).slurm_job_id() == job_id  # refused before anything was submitted
+    r.env["STEP_S"] = "0.05"
+    forced = r.cli("resume", str(r.run_dir), "--force")
+    assert forced.returncode == 0, forced.stderr
+    new_id = re.search(r"as Slurm job (\d+)", forced.stdout).group(1)
+    r.job_ids.append(new_id)
+    r.wait_ended(new_id, 240)
+    r.check_complete()
+    assert RunDir(r.run_dir).record().force is True
+    state = subprocess.run(["sacct", "-j", new_id, "-X", "-n", "-o", "State"], capture_output=True, text=True,
+                           timeout=30).stdout
+    assert "COMPLETED" in state, state + r.logs()
+    again = r.cli("resume", str(r.run_dir))
+    assert again.returncode == 0 and "this run is already complete" in again.stdout, again.stdout + again.stderr
+    assert RunDir(r.run_dir).slurm_job_id() == new_id  # nothing submitted
+
+
+@pytest.mark.slow
 def test_a_worker_that_cannot_join_fails_the_run_with_its_log(slurm_run):
     r = slurm_run(rows=5, slurm={"nodes": 2})
     # A real `ray start` failure on the second node only: an argument it rejects.

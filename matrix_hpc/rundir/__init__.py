@@ -181,6 +181,12 @@ class RunDir:
 
         return hold(self, command, slurm_job=slurm_job)
 
+    def refuse_if_held(self) -> None:
+        """Raise ``RunDirHeld`` naming the live holder, if there is one (takes nothing)."""
+        from matrix_hpc.rundir.holder import refuse_if_held
+
+        refuse_if_held(self)
+
     def holder(self):
         """Who holds the run directory now, as recorded (alive or not), or None."""
         from matrix_hpc.rundir.holder import read_holder

@@ -241,6 +241,17 @@ def hold(run_dir, command: str, *, slurm_job: str | None = None) -> Lease:
         return lease
 
 
+def refuse_if_held(run_dir) -> None:
+    """Raise ``RunDirHeld`` if a live process (other than this one) holds ``run_dir`` (a ``RunDir``):
+    the cheap check a command makes before it loads anything. Takes nothing."""
+    path = Path(run_dir.holder_file).resolve()
+    found = None if path in _held else read_holder(path)
+    if found is not None:
+        live, state = alive(*found)
+        if live:
+            raise RunDirHeld(refusal(run_dir.root, found[0], state))
+
+
 def _take_over(path: Path, dead_token: str, me: Holder) -> bool:
     """Replace the dead holder ``dead_token`` with ``me``; False if another process got there first."""
     guard = path.with_name(path.name + ".takeover")

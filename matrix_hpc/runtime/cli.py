@@ -60,9 +60,11 @@ def execute(job_path: Path, run_dir: Path | None, args: argparse.Namespace, comm
     from matrix_hpc.runtime.security import CredentialError, RunDirRefused
 
     try:
+        if run_dir is not None:
+            RunDir(run_dir).refuse_if_held()  # at once, before the job is loaded
         job = load_job(job_path, run_dir=run_dir)
         nothing_to_do = preflight(job, force=args.force)  # before Ray starts
-    except (JobFileError, PreflightError, ResumeRefused, RunDirRefused, CredentialError) as e:
+    except (JobFileError, PreflightError, ResumeRefused, RunDirRefused, CredentialError, RunDirHeld) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if nothing_to_do:

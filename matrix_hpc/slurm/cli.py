@@ -262,10 +262,12 @@ def _resume(args: argparse.Namespace) -> int:
         return execute(job_path, args.run_dir, args, command="resume")
     from matrix_hpc.job.load import load_job
     from matrix_hpc.job.spec import SlurmSpec
+    from matrix_hpc.rundir.holder import RunDirHeld
 
     try:
+        RunDir(args.run_dir).refuse_if_held()  # at once, before the job is loaded
         job = load_job(job_path, run_dir=args.run_dir)
-    except JobFileError as e:
+    except (JobFileError, RunDirHeld) as e:
         print(f"matrix-hpc resume: error: {e}", file=sys.stderr)
         return 2
     return _submit_checked(job, SlurmSpec.model_validate(record.slurm), "resume", force=args.force,
