@@ -388,7 +388,7 @@ def test_one_writer_on_slurm_then_a_forced_resume_and_never_a_second_submission(
     state = subprocess.run(["sacct", "-j", new_id, "-X", "-n", "-o", "State"], capture_output=True, text=True,
                            timeout=30).stdout
     assert "COMPLETED" in state, state + r.logs()
-    again = r.cli("resume", str(r.run_dir))
+    again = r.cli("resume", str(r.run_dir), "--force")
     assert again.returncode == 0 and "this run is already complete" in again.stdout, again.stdout + again.stderr
     assert RunDir(r.run_dir).slurm_job_id() == new_id  # nothing submitted
 
