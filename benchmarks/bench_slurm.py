@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from matrix_hpc._gen.v1 import task_pb2  # noqa: E402
+from matrix_hpc.rundir import RunDir  # noqa: E402
 from matrix_hpc.store import RunStore  # noqa: E402
 
 print = functools.partial(print, flush=True)  # noqa: A001 - figures appear as they come
@@ -118,7 +119,7 @@ def main() -> None:
                     print(f"the run finished after {i} preemption(s)")
                     break
                 signal_at = preempt()
-                wait_until(lambda n=i + 1: (run_dir / "slurm" / "ray" / f"{job_id}.{n}").exists(), 600, "the requeue",
+                wait_until(lambda n=i + 1: RunDir(run_dir).ray_attempt(job_id, n).exists(), 600, "the requeue",
                            job_id)
                 # Counted once the stopped job is gone: it commits the rows that finish while it stops.
                 before = committed(run_dir)
