@@ -11,6 +11,7 @@ RUN_DIR/
   job.yaml  payload.desc  fingerprint.json  store.zarr/     the run store (docs/store.md)
   logs/events.jsonl  logs/run.log                            the event log, the driver's log
   dataset_digest.json  credentials/  generated/              caches, secrets, payload modules
+  local-ray.json                                             the last local Ray's owner mark (runtime/security.py)
   slurm/               submitit's files, per-node logs <job>_<node>_log.{out,err}, ray/<job>.<requeue>/,
                        cancel-requested
 ```
@@ -34,6 +35,7 @@ LOGS_DIR = "logs"
 EVENTS_FILE = "events.jsonl"
 RUN_LOG = "run.log"
 DIGEST_CACHE = "dataset_digest.json"
+LOCAL_RAY_FILE = "local-ray.json"
 CREDENTIALS_DIR = "credentials"
 GENERATED_DIR = "generated"
 SLURM_DIR = "slurm"
@@ -107,6 +109,11 @@ class RunDir:
     @property
     def dataset_digest(self) -> Path:
         return self.root / DIGEST_CACHE
+
+    @property
+    def local_ray(self) -> Path:
+        """What the last start of a local Ray made (its owner mark, its temporary folder), for the next to clear."""
+        return self.root / LOCAL_RAY_FILE
 
     @property
     def credentials(self) -> Path:
