@@ -234,6 +234,7 @@ def hold(run_dir, command: str, *, slurm_job: str | None = None) -> Lease:
             log.warning("%s: taking over from %s, which is gone (%s)", run_dir.root, current.describe(), state)
             if _take_over(path, current.token, me):
                 break
+            _wait_while_taken(path)  # another taker is at it: then see who holds it
         else:
             raise RunDirHeld(f"{run_dir.root}: could not become its holder after {_TRIES} tries "
                              f"(another process keeps taking it); see {path}")
@@ -250,6 +251,13 @@ def refuse_if_held(run_dir) -> None:
         live, state = alive(*found)
         if live:
             raise RunDirHeld(refusal(run_dir.root, found[0], state))
+
+
+def _wait_while_taken(path: Path, timeout: float = 10.0) -> None:
+    """Wait (bounded) until another process's takeover (``holder.json.takeover``) is over."""
+    guard, end = path.with_name(path.name + ".takeover"), time.monotonic() + timeout
+    while guard.exists() and time.monotonic() < end:
+        time.sleep(0.02)
 
 
 def _take_over(path: Path, dead_token: str, me: Holder) -> bool:
