@@ -13,10 +13,10 @@ import sys
 
 # (module, function): each adds its sub-commands to the parser it is given.
 _TOP_LEVEL = [
-    ("matrix_hpc.runtime.cli", "register"),  # run, resume
-    ("matrix_hpc.store.cli", "register"),  # export, status
+    ("matrix_hpc.runtime.cli", "register"),  # run
+    ("matrix_hpc.store.cli", "register"),  # export
     ("matrix_hpc.services.sandbox.cli", "register_image"),  # image build
-    ("matrix_hpc.slurm.cli", "register"),  # submit, sbatch-script, cancel, logs; Slurm side of status, resume
+    ("matrix_hpc.slurm.cli", "register"),  # submit, sbatch-script, cancel, logs; resume and status (local or Slurm)
 ]
 _SERVE = [
     ("matrix_hpc.services.llm.cli", "register_serve"),  # serve llm

@@ -22,6 +22,7 @@ import pytest
 from conftest import PROTO
 
 from matrix_hpc._gen.v1 import task_pb2
+from matrix_hpc.rundir import RunDir
 from matrix_hpc.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,7 +231,7 @@ def test_sbatch_script_runs_the_entry_on_every_node(slurm_run):
     assert out.returncode == 0, out.stderr
     assert "#SBATCH --nodes=2" in out.stdout and "#SBATCH --signal=USR2@10" in out.stdout
     assert re.search(r"srun .*-m matrix_hpc\.slurm\.entry \S+/job\.yaml \S+/out", out.stdout)
-    assert json.loads((r.run_dir / "slurm" / "options.json").read_text())["max_requeues"] == 10
+    assert RunDir(r.run_dir).record().options["max_requeues"] == 10
 
 
 def test_a_node_gets_what_slurm_granted_and_its_cluster_address(slurm_conf):
@@ -280,7 +281,7 @@ def test_requests_the_cluster_can_never_satisfy_are_refused_at_submit_and_dry_ru
     out = r.cli("submit", str(r.job), *settings)
     assert out.returncode == 2
     assert reason in out.stderr, out.stderr
-    assert not (r.run_dir / "slurm" / "job_id").exists()
+    assert RunDir(r.run_dir).slurm_job_id() is None
     comments = subprocess.run(["squeue", "-h", "-o", "%k"], capture_output=True, text=True, timeout=30).stdout
     assert tag not in comments.split()  # nothing left pending
 
@@ -387,6 +388,57 @@ def test_preemption_checkpoints_requeues_and_resumes_then_cancel_and_resume(slur
     r.check_continued(before, snapshot, committed)
     status = r.cli("status", str(r.run_dir))
     assert f"committed   {rows} (100.0%)" in status.stdout and "completed" in status.stdout, status.stdout
+
+
+@pytest.mark.slow
+def test_one_writer_on_slurm_then_a_forced_resume_and_never_a_second_submission(slurm_run):
+    """While a submitted job runs, a local run, a resume and a plain sbatch job of the same run
+    directory are refused, naming the job; after a cancel, a changed job resumes only with --force
+    (checked before submitting, and --force reaches the allocation); a complete run is never resubmitted."""
+    rows = 40
+    # 1 node, 4 rows in flight, 6 steps of 1-3 s: about two minutes of work, far longer than the checks.
+    r = slurm_run(rows=rows, step_s=2.0, in_flight=4)
+    job_id = r.submit()
+    r.wait(lambda: len(r.committed()) >= 1, 180, "the first commit", job_id)
+    holder = RunDir(r.run_dir).holder()
+    assert (holder.command, holder.slurm_job_id) == ("slurm job", job_id)  # adopted by the job's first node
+    for argv in (["run", str(r.job), "--no-progress"], ["resume", str(r.run_dir)]):
+        out = r.cli(*argv)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert f"{r.run_dir} is already running as Slurm job {job_id} (pid {holder.pid} on" in out.stderr, out.stderr
+    script = r.dir / "run.sbatch"
+    assert r.cli("sbatch-script", str(r.job), "--output", str(script)).returncode == 0
+    sbatch = r.user.run(["sbatch", "--parsable", str(script)], env=r.env, timeout=60)
+    assert sbatch.returncode == 0, sbatch.stderr
+    second = sbatch.stdout.strip().split(";")[0]
+    r.job_ids.append(second)
+    r.wait_ended(second, 180)
+    err = RunDir(r.run_dir).node_log(second, 0, "err").read_text()
+    assert f"not run: {r.run_dir} is already running as Slurm job {job_id}" in err, err
+    assert r.state(job_id) == "RUNNING" and RunDir(r.run_dir).slurm_job_id() == job_id
+
+    cancelled = r.cli("cancel", str(r.run_dir), timeout=180)
+    assert cancelled.returncode == 0 and "checkpointed and stopped" in cancelled.stdout, cancelled.stdout
+    kept = len(r.committed())
+    assert 0 < kept < rows, "the run finished before the cancel"
+    (r.dir / "agents.py").write_text((r.dir / "agents.py").read_text() + "\n# edited\n")
+    refused = r.cli("resume", str(r.run_dir))
+    assert refused.returncode == 2 and "changed since: agent_code" in refused.stderr, refused.stderr
+    assert RunDir(r.run_dir).slurm_job_id() == job_id  # refused before anything was submitted
+    r.env["STEP_S"] = "0.05"
+    forced = r.cli("resume", str(r.run_dir), "--force")
+    assert forced.returncode == 0, forced.stderr
+    new_id = re.search(r"as Slurm job (\d+)", forced.stdout).group(1)
+    r.job_ids.append(new_id)
+    r.wait_ended(new_id, 240)
+    r.check_complete()
+    assert RunDir(r.run_dir).record().force is True
+    state = subprocess.run(["sacct", "-j", new_id, "-X", "-n", "-o", "State"], capture_output=True, text=True,
+                           timeout=30).stdout
+    assert "COMPLETED" in state, state + r.logs()
+    again = r.cli("resume", str(r.run_dir), "--force")
+    assert again.returncode == 0 and "this run is already complete" in again.stdout, again.stdout + again.stderr
+    assert RunDir(r.run_dir).slurm_job_id() == new_id  # nothing submitted
 
 
 @pytest.mark.slow

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from matrix_hpc.job.dataset import jsonl_lines, parquet_where, parse_jsonl_line
 from matrix_hpc.job.yamlpos import JobFileError, YamlWithLines
+from matrix_hpc.rundir import DIGEST_CACHE
 
 SAMPLE_ROWS = 100
-DIGEST_CACHE = "dataset_digest.json"  # in the run directory
 _BLOCK = 8 << 20
 
 

@@ -23,9 +23,8 @@ from matrix_hpc.job.spec import JobSpec
 from matrix_hpc.job.yamlpos import JobFileError, YamlWithLines
 from matrix_hpc.owner_only import private_folder
 from matrix_hpc.protogen import ProtoCompileError, compile_protos, pool_from_descriptor_set
+from matrix_hpc.rundir import RunDir
 from matrix_hpc.services import spec_class
-
-GENERATED_DIR = "generated"  # in the run directory: the payload's generated Python modules
 
 __all__ = ["Job", "JobFileError", "load_job"]
 
@@ -54,7 +53,7 @@ class Job:
     def import_paths(self, generated_root: Path | None = None) -> list[str]:
         """sys.path entries a process needs to import this job's agents and payload modules; the
         generated modules are written under ``generated_root`` (default: the run directory's)."""
-        root = generated_root or self.run_dir / GENERATED_DIR
+        root = generated_root or RunDir(self.run_dir).generated
         return [str(materialize_generated(self.generated, root)), str(self.dir)]
 
 

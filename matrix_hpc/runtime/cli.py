@@ -1,4 +1,4 @@
-"""Sub-commands ``run`` and ``resume``."""
+"""Sub-command ``run``, and ``execute``: a run on this machine, which ``resume`` uses too (slurm/cli.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from matrix_hpc.job.yamlpos import JobFileError
 from matrix_hpc.runtime.summary import Exit
 
 EXIT_CODES = (f"exit status: {Exit.OK} every task done (or failures within run.max_failed_fraction); "
-              f"{Exit.USAGE} a bad job file, a refused resume, or something the run needs that is missing or "
-              f"out of reach (one line each, with its fix); {Exit.TASKS_FAILED} the run ended with more "
-              f"failed tasks than run.max_failed_fraction allows (see `matrix-hpc export RUN_DIR --failed`); "
+              f"{Exit.USAGE} a bad job file, a refused resume, a run directory another live run holds, or something "
+              f"the run needs that is missing or out of reach (one line each, with its fix); {Exit.TASKS_FAILED} the "
+              f"run ended with more failed tasks than run.max_failed_fraction allows (see `matrix-hpc export RUN_DIR "
+              f"--failed`); "
               f"{Exit.STOPPED} stopped by a fault such as a full disk (fix it, then `matrix-hpc resume RUN_DIR`); "
               f"{Exit.INTERRUPTED} interrupted by Ctrl-C, SIGTERM or SIGHUP after a checkpoint "
               f"(`matrix-hpc resume RUN_DIR`); {Exit.ERROR} an unexpected error.")
@@ -31,63 +32,48 @@ def register(sub: argparse._SubParsersAction) -> None:
         "with token authentication (docs/security.md). " + EXIT_CODES,
     )
     p.add_argument("job", type=Path, help="the job file, e.g. jobs/dialogue/job.yaml")
-    _common(p)
+    p.add_argument("-o", "--run-dir", type=Path, help="run directory (default: run.output_dir of the job)")
+    add_run_options(p)
     p.set_defaults(func=_run)
 
-    r = sub.add_parser(
-        "resume",
-        help="resume a stopped, preempted or crashed run from its run directory",
-        description="Resume RUN_DIR with the job file saved in it (or --job): committed rows are skipped, "
-        "in-flight tasks continue from their last checkpoint, the other rows start fresh. " + EXIT_CODES,
-    )
-    r.add_argument("run_dir", type=Path, help="a run directory made by `matrix-hpc run`")
-    r.add_argument("--job", type=Path, help="job file to use (default: the job folder recorded at start)")
-    _common(r, run_dir=False)
-    r.set_defaults(func=_resume)
 
-
-def _common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
-    if run_dir:
-        p.add_argument("-o", "--run-dir", type=Path, help="run directory (default: run.output_dir of the job)")
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of a run on this machine (``run``, and ``resume`` of a run that was not submitted)."""
     p.add_argument("--force", action="store_true", help="resume even if the job, code, proto or data changed")
     p.add_argument("--no-progress", action="store_true", help="no live progress line")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def _run(args: argparse.Namespace) -> int:
-    return _execute(args.job, args.run_dir, args)
+    return execute(args.job, args.run_dir, args)
 
 
-def _resume(args: argparse.Namespace) -> int:
-    job = args.job
-    if job is None:
-        meta = args.run_dir / "job_path.txt"
-        if not meta.exists():
-            print(f"error: {args.run_dir} has no recorded job file; pass --job", file=sys.stderr)
-            return 2
-        job = Path(meta.read_text().strip())
-    return _execute(job, args.run_dir, args)
-
-
-def _execute(job_path: Path, run_dir: Path | None, args: argparse.Namespace) -> int:
+def execute(job_path: Path, run_dir: Path | None, args: argparse.Namespace, command: str = "run") -> int:
+    """Run (or resume) a job on this machine; ``args`` has the options of ``add_run_options``. Refused
+    (exit 2) at once if another run holds the run directory."""
     from matrix_hpc.job.load import load_job
+    from matrix_hpc.rundir import RunDir
+    from matrix_hpc.rundir.holder import RunDirHeld
     from matrix_hpc.runtime.driver import run
     from matrix_hpc.runtime.preflight import PreflightError, ResumeRefused, preflight
     from matrix_hpc.runtime.recovery import ActorsLost
     from matrix_hpc.runtime.security import CredentialError, RunDirRefused
 
     try:
+        if run_dir is not None:
+            RunDir(run_dir).refuse_if_held()  # at once, before the job is loaded
         job = load_job(job_path, run_dir=run_dir)
         nothing_to_do = preflight(job, force=args.force)  # before Ray starts
-    except (JobFileError, PreflightError, ResumeRefused, RunDirRefused, CredentialError) as e:
+    except (JobFileError, PreflightError, ResumeRefused, RunDirRefused, CredentialError, RunDirHeld) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if nothing_to_do:
         print(nothing_to_do)
         return 0
     try:
-        summary = run(job, force=args.force, progress=not args.no_progress)
-    except (ResumeRefused, RunDirRefused, CredentialError) as e:
+        with RunDir(job.run_dir).hold(command):  # before Ray starts; run() holds it on (the same hold)
+            summary = run(job, force=args.force, progress=not args.no_progress)
+    except (ResumeRefused, RunDirRefused, CredentialError, RunDirHeld) as e:
         print(f"error: {e}", file=sys.stderr)
         return Exit.USAGE
     except ActorsLost as e:

@@ -7,6 +7,7 @@ during a checkpoint or a recovery, both of which pause sending for a moment (rec
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ import ray
 
 from matrix_hpc.job.dataset import count_rows
 from matrix_hpc.job.load import Job, load_job
+from matrix_hpc.rundir import RunDir
 from matrix_hpc.runtime.agent_actor import AgentActor
 from matrix_hpc.runtime.message import Task
 from matrix_hpc.runtime.nodes import node_view, write_node_view
@@ -52,8 +54,6 @@ _HEALTH_S = 1.0
 CLOSE_TIMEOUT_S = 600.0  # a sink's last commit, retries included (sink.COMMIT_RETRIES)
 
 
-
-
 def run(job: Job | str | Path, *, run_dir: str | Path | None = None, force: bool = False,
         progress: bool = True, on_start=None, stop_requested: threading.Event | None = None,
         services: Endpoints | None = None) -> RunSummary:
@@ -70,29 +70,36 @@ def run(job: Job | str | Path, *, run_dir: str | Path | None = None, force: bool
     if not isinstance(job, Job):
         job = load_job(job, run_dir=run_dir)
     elif run_dir is not None:
-        job.run_dir = Path(run_dir).resolve()
+        job = dataclasses.replace(job, run_dir=Path(run_dir).resolve())  # the caller's Job is left as it was
     given = _given_services(job, services or {})
     previous_umask = os.umask(0o077)  # what the run writes, and the Ray it starts, are the user's alone
     try:
         prepare_run_dir(job.run_dir)
-        # Opens the store: a refusal comes before Ray.
-        runner = _Run(job, force=force, progress=progress, stop=stop_requested, services=given)
-        stop_ray = None
-        previous: dict = {}
-        try:
-            runner.term.phase("starting Ray")
-            stop_ray = _ensure_ray(job.run_dir)
-            previous = _install_stop_signals(runner.stop_requested)  # after ray.init, which installs its own
-            runner.term.capture(job.run_dir / "logs")  # Ray's worker output goes to logs/run.log
-            return runner.execute(on_start)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            if stop_ray is not None:
-                stop_ray()  # first: worker output that arrives late still goes to the log file
-            runner.term.close()
+        with RunDir(job.run_dir).hold("run"):  # one writer at a time: RunDirHeld names the live one
+            return _run(job, force=force, progress=progress, stop=stop_requested, services=given,
+                        on_start=on_start)
     finally:
         os.umask(previous_umask)
+
+
+def _run(job: Job, *, force: bool, progress: bool, stop: threading.Event | None, services: Endpoints,
+         on_start) -> RunSummary:
+    # Opens the store: a refusal comes before Ray.
+    runner = _Run(job, force=force, progress=progress, stop=stop, services=services)
+    stop_ray = None
+    previous: dict = {}
+    try:
+        runner.term.phase("starting Ray")
+        stop_ray = _ensure_ray(job.run_dir)
+        previous = _install_stop_signals(runner.stop_requested)  # after ray.init, which installs its own
+        runner.term.capture(RunDir(job.run_dir).logs)  # Ray's worker output goes to logs/run.log
+        return runner.execute(on_start)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if stop_ray is not None:
+            stop_ray()  # first: worker output that arrives late still goes to the log file
+        runner.term.close()
 
 
 def _spread(i: int):
@@ -189,7 +196,7 @@ class _Run:
             name=f"{self.id}/source", num_cpus=0, max_restarts=-1, **opts).remote(self.job, directory, skip, restore)
         self.sinks = [
             ray.remote(titled(SinkActor, "sink", label)).options(name=name, num_cpus=0, max_restarts=-1, **opts)
-            .remote(self.job, f"{self.id}-sink-{i}", directory, f"{self.id}/source", str(self.job.run_dir), endpoints)
+            .remote(self.job, f"{self.id}-sink-{i}", directory, f"{self.id}/source", endpoints)
             for i, name in enumerate(directory["done"])
         ]
         self.agents = {
@@ -217,7 +224,7 @@ class _Run:
         restoring = {tid: m for tid, m in saved.items() if tid not in committed}
         restore = list(restoring.values())
         skip = set(committed) | set(saved)
-        (self.job.run_dir / "job_path.txt").write_text(f"{self.job.path}\n")  # for `matrix-hpc resume`
+        RunDir(self.job.run_dir).update_record(job=str(self.job.path))  # for `matrix-hpc resume`
         self._event("resumed" if self.resuming else "started", restored=len(restore),
                     committed=len(committed), run_id=self.id)
         t0 = time.monotonic()

@@ -22,9 +22,9 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from matrix_hpc.rundir import RUN_LOG
 from matrix_hpc.runtime.ray_output import RayOutputToFile
 
-RUN_LOG = "run.log"
 _WARNINGS_SHOWN = 3
 _PLAIN_EVERY_S = 10  # a progress line this often when the terminal is not a terminal (a log file)
 

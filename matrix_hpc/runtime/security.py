@@ -28,17 +28,16 @@ from pathlib import Path
 
 from matrix_hpc import fate
 from matrix_hpc._compat import RAY_LOCAL_ONLY_ENV, reload_ray_auth_config, set_ray_local_only
+from matrix_hpc.rundir import RunDir
 from matrix_hpc.services.auth import CredentialError, TLSPair, private_folder, secret_file, tls_pair
 from matrix_hpc.services.core.listen import CLUSTER_ENV
 
 log = logging.getLogger(__name__)
 
-CREDENTIALS_DIR = "credentials"
 SERVICE_SECRET_FILE = "service.secret"
 RAY_TOKEN_FILE = "ray.token"
 _RAY_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
 RUN_TMP_VAR = "MATRIX_HPC_RUN_TMP"  # the local Ray's private temporary folder, for the run's own temporary files
-_LOCAL_RAY_RECORD = "local-ray.json"  # in the run directory: what a start made, for the next start to clear
 # Ray's Prometheus exporters answer plain HTTP without any credential (actor, node and session names,
 # addresses, PIDs), on every interface of a cluster node: the dashboard agent's on each node, the
 # dashboard's and the autoscaler's at fixed ports (44227, 44217). The run uses none of them. The
@@ -91,7 +90,7 @@ def prepare_run_dir(run_dir: str | Path) -> Path:
 
 
 def credentials_dir(run_dir: str | Path) -> Path:
-    return private_folder(Path(run_dir) / CREDENTIALS_DIR)
+    return private_folder(RunDir(run_dir).credentials)
 
 
 def service_secret(run_dir: str | Path) -> str:
@@ -212,7 +211,7 @@ class LocalRay:
             self.temp_dir = None
 
     def _record_path(self) -> Path:
-        return self.run_dir / _LOCAL_RAY_RECORD
+        return RunDir(self.run_dir).local_ray  # what a start made, for the next start to clear
 
     def _record(self, owner: str) -> None:
         self._record_path().write_text(json.dumps({"owner": owner, "temp_dir": str(self.temp_dir)}) + "\n")

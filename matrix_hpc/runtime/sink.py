@@ -61,12 +61,11 @@ def _stop_if_orphaned() -> None:
 
 
 class SinkActor(ActorBase):
-    def __init__(self, job: Job, writer_id: str, directory: Directory, source: str, run_dir: str,
-                 services: dict):
+    def __init__(self, job: Job, writer_id: str, directory: Directory, source: str, services: dict):
         super().__init__(job, directory)
         # Sandbox sessions belong to their task: closed once the task is committed.
         self.releasers = list(services.get("sandbox", {}).values())
-        self.run_dir = Path(run_dir)
+        self.run_dir = job.run_dir
         self.writer_id = writer_id
         store = RunStore.open(self.run_dir)
         # One writer per sink of one driver run: a sink orphaned by a killed driver may still be

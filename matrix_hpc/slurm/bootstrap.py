@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from matrix_hpc.retry import retrying_sync
+from matrix_hpc.rundir import RunDir
 
 log = logging.getLogger("matrix_hpc.slurm")
 
@@ -180,7 +181,7 @@ def free_port(ip: str) -> int:
 
 
 def attempt_dir(run_dir: Path, node: Node) -> Path:
-    d = run_dir / "slurm" / "ray" / f"{node.job_id}.{node.restart}"
+    d = RunDir(run_dir).ray_attempt(node.job_id, node.restart)
     d.mkdir(parents=True, exist_ok=True)
     return d
 

@@ -1,10 +1,10 @@
-"""Sub-commands ``submit``, ``sbatch-script``, ``cancel``, ``logs``; the Slurm side of ``status`` and ``resume``."""
+"""Sub-commands ``submit``, ``sbatch-script``, ``cancel``, ``logs``, and the two that serve every run
+directory whichever way it runs, which only this top layer can (it sees the runtime, the store and
+Slurm): ``resume`` (here, or submitted again) and ``status`` (the store's totals and the Slurm job)."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import shlex
 import subprocess
@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _slurm_overrides(s)
     s.add_argument("--dry-run", action="store_true",
                    help="run every check (paths, limits, sbatch --test-only), print the sbatch script, submit nothing")
+    s.add_argument("--force", action="store_true", help="resume even if the job, code, proto or data changed")
     s.add_argument("--ray-worker-args", default="", metavar="ARGS",
                    help="extra `ray start` options for the nodes other than the first (one shell-quoted string)")
     s.set_defaults(func=_submit)
@@ -53,8 +54,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--follow", "-f", action="store_true", help="keep printing as the log grows (Ctrl-C to stop)")
     g.set_defaults(func=_logs)
 
-    _wrap(sub, "status", _status_with_slurm)
-    _wrap(sub, "resume", _resume_on_slurm)
+    _register_resume(sub)
+    _register_status(sub)
+
+
+def _register_resume(sub: argparse._SubParsersAction) -> None:
+    from matrix_hpc.runtime.cli import EXIT_CODES, add_run_options
+
+    r = sub.add_parser(
+        "resume",
+        help="resume a stopped, preempted or crashed run from its run directory",
+        description="Resume RUN_DIR with the job file recorded in it (or --job): committed rows are skipped, "
+        "in-flight tasks continue from their last checkpoint, the other rows start fresh. A run that was "
+        "submitted to Slurm is submitted again with the same settings (matrix-hpc submit); any other runs "
+        "here. Refused while another run holds RUN_DIR; a complete run is never run or submitted again. "
+        + EXIT_CODES)
+    r.add_argument("run_dir", type=Path, help="a run directory made by `matrix-hpc run` or `matrix-hpc submit`")
+    r.add_argument("--job", type=Path, help="job file to use (default: the job folder recorded at start)")
+    add_run_options(r)
+    r.set_defaults(func=_resume)
+
+
+def _register_status(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser(
+        "status",
+        help="show a run's progress: done, failed, in flight, pending, throughput (and its Slurm job)",
+        description="Show the totals of a run (done, failed, in flight at the last checkpoint, "
+        "pending), the steps by role and the retries in its committed tasks, its throughput and the "
+        "time of its last checkpoint, and for a run on Slurm its job's state. Read-only: safe to run "
+        "while the run is going on, from any node that sees the run directory.",
+    )
+    s.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="the run directory (holds store.zarr)")
+    s.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    s.set_defaults(func=_status)
 
 
 def _slurm_overrides(p: argparse.ArgumentParser) -> None:
@@ -77,13 +109,6 @@ _OVERRIDES = ("nodes", "gpus_per_node", "cpus_per_node", "mem_gb", "time_min", "
               "constraint", "exclusive", "max_requeues")
 
 
-def _wrap(sub: argparse._SubParsersAction, name: str, wrapper) -> None:
-    """Give an existing sub-command a Slurm side without that concern knowing about Slurm."""
-    parser = sub.choices[name]
-    inner = parser.get_default("func")
-    parser.set_defaults(func=lambda args: wrapper(args, inner))
-
-
 def _load(args: argparse.Namespace):
     from pydantic import ValidationError
 
@@ -100,20 +125,49 @@ def _load(args: argparse.Namespace):
 
 def _submit(args: argparse.Namespace) -> int:
     from matrix_hpc.runtime.preflight import PreflightError, check_prerequisites, check_slurm_commands
-    from matrix_hpc.slurm.submit import SubmitError, preflight, submit
+    from matrix_hpc.slurm.submit import SubmitError, preflight
 
     try:
         job, spec = _load(args)
-        check_slurm_commands()
-        check_prerequisites(job, local=False)  # before anything reaches Slurm; the nodes' binaries are theirs
         if args.dry_run:  # every check, nothing written or submitted
+            check_slurm_commands()
+            check_prerequisites(job, local=False)
             print(preflight(job, spec))
             return 0
-        done = submit(job, spec, nodes_timeout_s=args.nodes_timeout_s,
-                      ray_worker_args=shlex.split(args.ray_worker_args))
     except (JobFileError, SubmitError, PreflightError) as e:
         print(f"matrix-hpc submit: error: {e}", file=sys.stderr)
         return 2
+    return _submit_checked(job, spec, "submit", force=args.force, nodes_timeout_s=args.nodes_timeout_s,
+                           ray_worker_args=shlex.split(args.ray_worker_args))
+
+
+def _submit_checked(job, spec, command: str, *, force: bool, nodes_timeout_s: float,
+                    ray_worker_args: list[str]) -> int:
+    """The checks of a run before Ray (job changed, already complete: never submitted again), then submit."""
+    from matrix_hpc.runtime.preflight import (
+        PreflightError,
+        ResumeRefused,
+        check_prerequisites,
+        check_slurm_commands,
+        preflight,
+    )
+    from matrix_hpc.runtime.security import CredentialError, RunDirRefused
+    from matrix_hpc.slurm.submit import SubmitError, submit
+
+    try:
+        check_slurm_commands()
+        check_prerequisites(job, local=False)  # before anything reaches Slurm; the nodes' binaries are theirs
+        nothing_to_do = preflight(job, force=force)
+        if nothing_to_do:
+            print(nothing_to_do)
+            return 0
+        done = submit(job, spec, force=force, nodes_timeout_s=nodes_timeout_s, ray_worker_args=ray_worker_args)
+    except (SubmitError, PreflightError, ResumeRefused, RunDirRefused, CredentialError) as e:
+        print(f"matrix-hpc {command}: error: {e}", file=sys.stderr)
+        return 2
+    if command == "resume":
+        print(f"resubmitted {done.run_dir} as Slurm job {done.job_id}")
+        return 0
     print(f"submitted Slurm job {done.job_id}\nrun directory: {done.run_dir}\n"
           f"  matrix-hpc status {done.run_dir}\n  matrix-hpc logs {done.run_dir} --follow\n"
           f"  matrix-hpc cancel {done.run_dir}")
@@ -121,7 +175,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _sbatch_script(args: argparse.Namespace) -> int:
-    from matrix_hpc.slurm.submit import SubmitError, preflight, standalone_sbatch_text, write_options, write_record
+    from matrix_hpc.slurm.submit import SubmitError, preflight, standalone_sbatch_text, write_options
 
     try:
         job, spec = _load(args)
@@ -131,7 +185,7 @@ def _sbatch_script(args: argparse.Namespace) -> int:
         return 2
     # The job records its id in the run directory when it starts (entry.py): status, logs, cancel and
     # resume then treat it as one from `submit`; resume submits it with these settings.
-    write_record(job, spec, write_options(job, spec, nodes_timeout_s=args.nodes_timeout_s))
+    write_options(job, spec, nodes_timeout_s=args.nodes_timeout_s)  # the run record: status, logs, cancel, resume
     text = standalone_sbatch_text(job, spec)
     if args.output:
         args.output.write_text(text)
@@ -171,53 +225,62 @@ def _logs(args: argparse.Namespace) -> int:
         return 0
 
 
-def _status_with_slurm(args: argparse.Namespace, inner) -> int:
-    """Today's totals plus the Slurm job's state and the per-node view; a run still pending in
-    Slurm has no store yet."""
+def _status(args: argparse.Namespace) -> int:
+    """The store's totals, plus the Slurm job's state and the per-node view for a run on Slurm (which
+    has no store while pending)."""
     from matrix_hpc.runtime.nodes import describe, read_node_view
     from matrix_hpc.slurm.status import slurm_state
+    from matrix_hpc.store.cli import status_lines
+    from matrix_hpc.store.run_store import RunStore, StoreError
 
     state = slurm_state(args.run_dir)
-    if state is None:
-        return inner(args)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = inner(args)
-    if getattr(args, "json", False):
-        totals = json.loads(out.getvalue()) if code == 0 else {"store": "not created yet"}
-        print(json.dumps({**totals, "slurm": state, "nodes": read_node_view(args.run_dir)}, indent=2))
+    try:
+        totals: dict | None = RunStore.open(args.run_dir).status()
+    except StoreError as e:
+        if state is None:
+            print(f"matrix-hpc status: error: {e}", file=sys.stderr)
+            return 2
+        totals = None
+    if args.json:
+        shown = totals if state is None else {**(totals or {"store": "not created yet"}), "slurm": state,
+                                               "nodes": read_node_view(args.run_dir)}
+        print(json.dumps(shown, indent=2))
         return 0
-    if code == 0:
-        print(out.getvalue(), end="")
-    else:
-        print("store       not created yet (the job has not started)")
-    where = f" on {state['nodes']}" if state.get("nodes") and state["nodes"] != "(null)" else ""
-    reason = f" ({state['reason']})" if state.get("reason") not in (None, "", "None") else ""
-    print(f"slurm       job {state['job_id']} {state['state'].lower()}{reason}{where}; "
-          f"requeued {state['requeues']} time(s)")
-    for line in describe(read_node_view(args.run_dir)):
-        print(f"            {line}")
+    print("\n".join(status_lines(totals)) if totals else "store       not created yet (the job has not started)")
+    if state is not None:
+        where = f" on {state['nodes']}" if state.get("nodes") and state["nodes"] != "(null)" else ""
+        reason = f" ({state['reason']})" if state.get("reason") not in (None, "", "None") else ""
+        print(f"slurm       job {state['job_id']} {state['state'].lower()}{reason}{where}; "
+              f"requeued {state['requeues']} time(s)")
+        for line in describe(read_node_view(args.run_dir)):
+            print(f"            {line}")
     return 0
 
 
-def _resume_on_slurm(args: argparse.Namespace, inner) -> int:
-    """A run that was submitted to Slurm is resumed by submitting it again with the same settings."""
+def _resume(args: argparse.Namespace) -> int:
+    """Resume a run where it ran: submitted again with its recorded Slurm settings if it was submitted,
+    here otherwise. Either way the same checks come first (job changed without --force, already
+    complete, held by another live run)."""
+    from matrix_hpc.rundir import RunDir
+    from matrix_hpc.runtime.cli import execute
+
+    record = RunDir(args.run_dir).record()
+    job_path = args.job or record.job_path
+    if job_path is None:
+        print(f"error: {args.run_dir} has no recorded job file; pass --job", file=sys.stderr)
+        return 2
+    if record.slurm is None:
+        return execute(job_path, args.run_dir, args, command="resume")
     from matrix_hpc.job.load import load_job
     from matrix_hpc.job.spec import SlurmSpec
-    from matrix_hpc.slurm.submit import SubmitError, submit
+    from matrix_hpc.rundir.holder import RunDirHeld
 
-    record_path = args.run_dir / "slurm" / "submit.json"
-    if not record_path.exists():
-        return inner(args)
-    record = json.loads(record_path.read_text())
     try:
-        job = load_job(args.job or Path(record["job"]), run_dir=args.run_dir)
-        done = submit(job, SlurmSpec.model_validate(record["slurm"]),
-                      nodes_timeout_s=record["options"]["nodes_timeout_s"],
-                      ray_worker_args=record["options"].get("ray_worker_args"))
-    except (JobFileError, SubmitError) as e:
+        RunDir(args.run_dir).refuse_if_held()  # at once, before the job is loaded
+        job = load_job(job_path, run_dir=args.run_dir)
+    except (JobFileError, RunDirHeld) as e:
         print(f"matrix-hpc resume: error: {e}", file=sys.stderr)
         return 2
-    print(f"resubmitted {args.run_dir} as Slurm job {done.job_id}")
-    return 0
-
+    return _submit_checked(job, SlurmSpec.model_validate(record.slurm), "resume", force=args.force,
+                           nodes_timeout_s=record.options.get("nodes_timeout_s", 300.0),
+                           ray_worker_args=record.options.get("ray_worker_args", []))

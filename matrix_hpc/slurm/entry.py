@@ -13,7 +13,6 @@ Called by submitit (``SlurmEntry``, pickled by ``matrix-hpc submit``) or directl
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -24,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from matrix_hpc.rundir import RunDir
+from matrix_hpc.rundir.holder import SLURM_JOB, RunDirHeld
 from matrix_hpc.runtime.summary import Exit
 from matrix_hpc.slurm import bootstrap
 from matrix_hpc.slurm.bootstrap import Node
@@ -33,7 +34,6 @@ log = logging.getLogger("matrix_hpc.slurm")
 # After SIGTERM (scancel), the time the driver has to checkpoint and stop before this node stops its
 # Ray and cleans up: well under Slurm's KillWait (30 s by default, 10 s on the local Slurm).
 TERM_DEADLINE_S = 4.0
-CANCEL_MARKER = "cancel-requested"  # under <run_dir>/slurm: `matrix-hpc cancel` asked to stop without requeue
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,7 @@ class Options:
 
     @classmethod
     def load(cls, run_dir: Path) -> Options:
-        path = run_dir / "slurm" / "options.json"
-        if not path.exists():
-            return cls()
-        d = json.loads(path.read_text())
+        d = RunDir(run_dir).record().options
         return cls(max_requeues=d.get("max_requeues", 10), nodes_timeout_s=d.get("nodes_timeout_s", 300.0),
                    ray_head_args=tuple(d.get("ray_head_args", ())),
                    ray_worker_args=tuple(d.get("ray_worker_args", ())))
@@ -81,29 +78,33 @@ def run_node(job_path: Path, run_dir: Path) -> int:
     _private_ray(run_dir)
     log.info("node %d/%d %s (%s): %d CPU(s), %d GPU(s); job %s, requeue %d", node.rank, node.num_nodes, node.name,
              node.ip, node.cpus, node.gpus, node.job_id, node.restart)
-    if node.rank == 0:
-        record_job_id(run_dir, node.job_id)
     if node.rank != 0:
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # the head handles it for the whole run
         signal.signal(signal.SIGTERM, _exit_on_sigterm)  # scancel: stop this node's Ray, clean its scratch
         return bootstrap.run_worker(node, adir, list(options.ray_worker_args), options.nodes_timeout_s)
-    return _run_head(node, adir, job_path, run_dir, options)
+    return _hold_and_run_head(node, adir, job_path, run_dir, options)
+
+
+def _hold_and_run_head(node: Node, adir: Path, job_path: Path, run_dir: Path, options: Options) -> int:
+    """The run directory's one writer is this job: refused (exit 2, nothing run, not requeued) while
+    another live run holds it. Held by this job's id after it ends: alive while Slurm requeues it."""
+    rundir = RunDir(run_dir)
+    try:
+        lease = rundir.hold(SLURM_JOB, slurm_job=node.job_id)
+    except RunDirHeld as e:
+        log.error("not run: %s", e)
+        (adir / "done").write_text("")  # the other nodes stop waiting for a Ray head
+        return 2
+    try:
+        rundir.record_slurm_job(node.job_id)  # status, logs and cancel find an sbatch job too
+        return _run_head(node, adir, job_path, run_dir, options)
+    finally:
+        lease.hand_to_slurm(node.job_id)
 
 
 def _exit_on_sigterm(signum, _frame) -> None:
     log.warning("got SIGTERM: stopping this node's Ray")
     raise SystemExit(128 + signum)
-
-
-def record_job_id(run_dir: Path, job_id: str) -> None:
-    """The run's Slurm job, as ``submit`` records it; a job started by plain ``sbatch`` records itself
-    here, so that status, logs, cancel and resume find it."""
-    path = run_dir / "slurm" / "job_id"
-    if path.exists() and path.read_text().strip() == job_id:
-        return
-    tmp = path.with_name(f"job_id.{os.getpid()}")
-    tmp.write_text(f"{job_id}\n")
-    tmp.rename(path)
 
 
 def _private_ray(run_dir: Path) -> None:
@@ -187,7 +188,7 @@ def _drive(job_path: Path, run_dir: Path, stop: threading.Event, term_deadline: 
 
     def target():
         try:
-            outcome["summary"] = run(job, progress=False, stop_requested=stop)
+            outcome["summary"] = run(job, progress=False, stop_requested=stop, force=RunDir(run_dir).record().force)
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
             outcome["error"] = e
 
@@ -204,7 +205,7 @@ def _drive(job_path: Path, run_dir: Path, stop: threading.Event, term_deadline: 
 
 def _after_interruption(node: Node, run_dir: Path, options: Options, signals: list[int]) -> int:
     """Requeue after USR2 (preemption or time limit), unless cancelled or requeued too often."""
-    if (run_dir / "slurm" / CANCEL_MARKER).exists():
+    if RunDir(run_dir).cancel_marker.exists():
         log.info("cancelled by matrix-hpc cancel: in-flight tasks saved; continue with matrix-hpc resume %s", run_dir)
         return Exit.INTERRUPTED  # never "completed 0:0" in Slurm's accounting; `status` says cancelled
     if signal.SIGUSR2 not in signals:

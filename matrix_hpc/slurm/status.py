@@ -6,18 +6,19 @@ import subprocess
 import time
 from pathlib import Path
 
+from matrix_hpc.rundir import RunDir
 from matrix_hpc.runtime.nodes import node_log
-from matrix_hpc.slurm.entry import CANCEL_MARKER
 
 _POLL_S = 0.5
 _ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
 def job_id_of(run_dir: Path) -> str:
-    path = run_dir / "slurm" / "job_id"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} was not submitted to Slurm (no {path})")
-    return path.read_text().strip()
+    rundir = RunDir(run_dir)
+    job_id = rundir.slurm_job_id()
+    if job_id is None:
+        raise FileNotFoundError(f"{run_dir} was not submitted to Slurm (no Slurm job in {rundir.record_file})")
+    return job_id
 
 
 def slurm_state(run_dir: Path) -> dict | None:
@@ -27,7 +28,7 @@ def slurm_state(run_dir: Path) -> dict | None:
     except FileNotFoundError:
         return None
     state = _job_state(run_dir, job_id)
-    if state["state"] in _ENDED and (run_dir / "slurm" / CANCEL_MARKER).exists():
+    if state["state"] in _ENDED and RunDir(run_dir).cancel_marker.exists():
         state["state"] = "CANCELLED"  # by matrix-hpc cancel: checkpointed, then stopped on purpose
     return state
 
@@ -41,7 +42,7 @@ def _job_state(run_dir: Path, job_id: str) -> dict:
     out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,NodeList"], capture_output=True,
                          text=True, timeout=60).stdout.strip().splitlines()
     state, nodes = (out[-1].split("|") + [""])[:2] if out else ("UNKNOWN", "")
-    requeues = len(list((run_dir / "slurm" / "ray").glob(f"{job_id}.*"))) - 1
+    requeues = len(list(RunDir(run_dir).ray_attempts.glob(f"{job_id}.*"))) - 1
     return {"job_id": job_id, "state": state.split()[0] if state else "UNKNOWN", "reason": None, "nodes": nodes,
             "requeues": max(requeues, 0)}
 
@@ -58,10 +59,11 @@ def node_logs(run_dir: Path, node: int) -> list[Path]:
     output of the run's actors on that node (``logs/node-<node>.log``), and for node 0 also the
     driver's log of the run (``logs/run.log``, where it writes while it runs)."""
     job_id = job_id_of(run_dir)
-    paths = [run_dir / "slurm" / f"{job_id}_{node}_log.{ext}" for ext in ("out", "err")]
+    rundir = RunDir(run_dir)
+    paths = [rundir.node_log(job_id, node, stream) for stream in ("out", "err")]
     paths.append(node_log(run_dir, node))
     if node == 0:
-        paths.append(run_dir / "logs" / "run.log")
+        paths.append(rundir.run_log)
     existing = [p for p in paths if p.exists()]
     if not existing:
         raise FileNotFoundError(f"no log of node {node} for job {job_id} yet ({paths[0].parent})")
@@ -75,7 +77,7 @@ def cancel(run_dir: Path, *, timeout: float = 120) -> str:
     state = (slurm_state(run_dir) or {}).get("state", "UNKNOWN")
     if state in _ENDED:
         return f"job {job_id} already ended ({state.lower()})"
-    (run_dir / "slurm" / CANCEL_MARKER).write_text(job_id)
+    RunDir(run_dir).cancel_marker.write_text(job_id)
     if state == "RUNNING":
         subprocess.run(["scancel", "--signal=USR2", job_id], check=False, timeout=60)
         end = time.monotonic() + timeout

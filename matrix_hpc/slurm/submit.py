@@ -1,17 +1,15 @@
 """From a job file to a Slurm job: the ``slurm:`` section (plus command-line overrides) becomes
 submitit's Slurm parameters; the run directory is created and the submission recorded in it.
 
-What the run directory keeps under ``slurm/``: ``submit.json`` (the job file and the settings, for
-``matrix-hpc resume``), ``job_id`` (the latest Slurm job), ``options.json`` (read by every node),
-submitit's pickles and per-node logs (``<jobid>_<node>_log.{out,err}``), and ``ray/`` (bootstrap).
+The run record (``RunDir.record()``: job file, ``--force``, Slurm settings, options every node reads,
+the latest Slurm job) is what ``matrix-hpc resume`` submits again; ``slurm/`` keeps submitit's
+pickles and per-node logs (``<jobid>_<node>_log.{out,err}``) and ``ray/`` (bootstrap).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +18,11 @@ from typing import Any
 from matrix_hpc._compat import SUBMITIT_MAX_NUM_TIMEOUT, sbatch_script, submitit_sbatch_text
 from matrix_hpc.job.load import Job
 from matrix_hpc.job.spec import SlurmSpec
+from matrix_hpc.rundir import RunDir
+from matrix_hpc.rundir.holder import RunDirHeld
 from matrix_hpc.slurm.checks import SubmitError, check_satisfiable, sbatch_reason
-from matrix_hpc.slurm.entry import CANCEL_MARKER, SlurmEntry
+from matrix_hpc.slurm.entry import SlurmEntry
 
-# Job states in which a job still holds (or waits for) an allocation: never submit the run twice.
-ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-                 "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "PREEMPTED"}
 # Paths that are private to one node on most clusters (override with MATRIX_HPC_NODE_LOCAL_PATHS,
 # colon-separated; empty where every node shares them, as on the local Slurm of slurm/).
 DEFAULT_NODE_LOCAL = "/tmp:/var/tmp:/dev/shm:/run"
@@ -71,7 +68,7 @@ def executor_parameters(spec: SlurmSpec, name: str) -> dict[str, Any]:
 def _executor(run_dir: Path, params: dict[str, Any]):
     import submitit
 
-    executor = submitit.SlurmExecutor(folder=run_dir / "slurm", max_num_timeout=SUBMITIT_MAX_NUM_TIMEOUT)
+    executor = submitit.SlurmExecutor(folder=RunDir(run_dir).slurm, max_num_timeout=SUBMITIT_MAX_NUM_TIMEOUT)
     executor.update_parameters(**params)
     return executor
 
@@ -87,7 +84,7 @@ def standalone_sbatch_text(job: Job, spec: SlurmSpec) -> str:
     params = executor_parameters(spec, job.spec.name)
     command = shlex.join([sys.executable, "-u", "-m", "matrix_hpc.slurm.entry", str(job.path), str(job.run_dir)])
     setup = [f"export {k}={shlex.quote(v)}" for k, v in _environment().items()]
-    return sbatch_script(command, job.run_dir / "slurm", setup, **params)
+    return sbatch_script(command, RunDir(job.run_dir).slurm, setup, **params)
 
 
 def _environment() -> dict[str, str]:
@@ -117,63 +114,56 @@ def check_shared_paths(job: Job, spec: SlurmSpec) -> None:
                     "if your cluster shares it)")
 
 
-def active_job(run_dir: Path) -> tuple[str, str] | None:
-    """(job id, state) of the run's latest Slurm job if it is pending or running."""
-    id_file = run_dir / "slurm" / "job_id"
-    if not id_file.exists():
-        return None
-    job_id = id_file.read_text().strip()
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
-    state = out.stdout.strip()
-    return (job_id, state) if state in ACTIVE_STATES else None
-
-
 def preflight(job: Job, spec: SlurmSpec) -> str:
     """Every check a submission passes before anything is written (``--dry-run`` runs them too):
-    shared paths, not running already, nothing the cluster can never satisfy. Returns the script."""
+    shared paths, nothing the cluster can never satisfy. Returns the script. (That no other live run
+    holds the run directory is checked when ``submit`` takes it.)"""
     check_shared_paths(job, spec)
-    running = active_job(job.run_dir)
-    if running:
-        raise SubmitError(f"{job.run_dir} is already {running[1].lower()} as Slurm job {running[0]}; "
-                          f"see matrix-hpc status {job.run_dir}")
     script = sbatch_text(job, spec)
     check_satisfiable(spec, script)
     return script
 
 
-def submit(job: Job, spec: SlurmSpec, *, nodes_timeout_s: float = 300.0, ray_worker_args: list[str] | None = None,
-           ) -> Submitted:
-    """Submit the run (refused if it is already pending or running, or can never run); record how, for ``resume``."""
+def submit(job: Job, spec: SlurmSpec, *, force: bool = False, nodes_timeout_s: float = 300.0,
+           ray_worker_args: list[str] | None = None) -> Submitted:
+    """Submit the run and record how, for ``resume``. Refused when it can never run, or while another
+    live run (a Slurm job pending or running, a local run) holds the run directory; the new job holds
+    it from here on."""
     import submitit
 
     preflight(job, spec)
-    options = write_options(job, spec, nodes_timeout_s=nodes_timeout_s, ray_worker_args=ray_worker_args)
-    slurm_dir = job.run_dir / "slurm"
-    executor = _executor(job.run_dir, executor_parameters(spec, job.spec.name))
+    rundir = RunDir(job.run_dir)
+    rundir.root.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        submitted = executor.submit(SlurmEntry(str(job.path), str(job.run_dir)))
-    except submitit.core.utils.FailedJobError as e:
-        raise SubmitError(f"Slurm refused the job: {sbatch_reason(str(e))}") from None
-    (slurm_dir / "job_id").write_text(f"{submitted.job_id}\n")
-    write_record(job, spec, options)
+        lease = rundir.hold("submit")
+    except RunDirHeld as e:
+        raise SubmitError(str(e)) from None
+    handed = False
+    try:
+        write_options(job, spec, force=force, nodes_timeout_s=nodes_timeout_s, ray_worker_args=ray_worker_args)
+        executor = _executor(job.run_dir, executor_parameters(spec, job.spec.name))
+        try:
+            submitted = executor.submit(SlurmEntry(str(job.path), str(job.run_dir)))
+        except submitit.core.utils.FailedJobError as e:
+            raise SubmitError(f"Slurm refused the job: {sbatch_reason(str(e))}") from None
+        lease.hand_to_slurm(submitted.job_id)
+        handed = True
+        rundir.record_slurm_job(submitted.job_id)
+    finally:
+        if not handed:
+            lease.release()
     return Submitted(submitted.job_id, job.run_dir)
 
 
-def write_record(job: Job, spec: SlurmSpec, options: dict[str, Any]) -> None:
-    """How the run goes to Slurm (job file, settings, options), for ``matrix-hpc resume``."""
-    record = {"job": str(job.path), "slurm": spec.model_dump(), "options": options}
-    (job.run_dir / "slurm" / "submit.json").write_text(json.dumps(record, indent=1))
-
-
-def write_options(job: Job, spec: SlurmSpec, *, nodes_timeout_s: float = 300.0,
+def write_options(job: Job, spec: SlurmSpec, *, force: bool = False, nodes_timeout_s: float = 300.0,
                   ray_worker_args: list[str] | None = None) -> dict[str, Any]:
-    """Create ``<run_dir>/slurm`` and what every node reads from it; clear an earlier cancel request."""
-    slurm_dir = job.run_dir / "slurm"
-    slurm_dir.mkdir(parents=True, exist_ok=True)
-    (slurm_dir / CANCEL_MARKER).unlink(missing_ok=True)
+    """Record the run for Slurm (what every node reads, what ``resume`` submits again) and create
+    ``<run_dir>/slurm``; clear an earlier cancel request."""
+    rundir = RunDir(job.run_dir)
+    rundir.slurm.mkdir(parents=True, exist_ok=True)
+    rundir.cancel_marker.unlink(missing_ok=True)
     options = {"max_requeues": spec.max_requeues, "nodes_timeout_s": nodes_timeout_s,
                "ray_worker_args": list(ray_worker_args or [])}
-    (slurm_dir / "options.json").write_text(json.dumps(options, indent=1))
-    (job.run_dir / "job_path.txt").write_text(f"{job.path}\n")
+    rundir.update_record(job=str(job.path), force=force, slurm=spec.model_dump(), options=options)
     return options
 

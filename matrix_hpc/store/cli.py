@@ -1,8 +1,8 @@
-"""Sub-commands ``export`` and ``status`` of ``matrix-hpc``."""
+"""Sub-command ``export`` of ``matrix-hpc``, and the lines ``status`` shows for a store (the ``status``
+command itself is registered by ``slurm/cli.py``, which adds the Slurm job's state)."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -23,18 +23,6 @@ def register(sub) -> None:
     p.add_argument("-o", "--out", type=Path, default=None,
                    help="output file (default: RUN_DIR/results.<format>, or RUN_DIR/failed.<format>)")
     p.set_defaults(func=_export)
-
-    s = sub.add_parser(
-        "status",
-        help="show a run's progress: done, failed, in flight, pending, throughput",
-        description="Show the totals of a run (done, failed, in flight at the last checkpoint, "
-        "pending), the steps by role and the retries in its committed tasks, its throughput and the "
-        "time of its last checkpoint. Read-only: safe to run "
-        "while the run is going on, from any node that sees the run directory.",
-    )
-    s.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="the run directory (holds store.zarr)")
-    s.add_argument("--json", action="store_true", help="print the status as one JSON object")
-    s.set_defaults(func=_status)
 
 
 def _export(args) -> int:
@@ -61,17 +49,8 @@ def _fmt(v, unit: str = "") -> str:
     return f"{v}{unit}"
 
 
-def _status(args) -> int:
-    from matrix_hpc.store.run_store import RunStore, StoreError
-
-    try:
-        st = RunStore.open(args.run_dir).status()
-    except StoreError as e:
-        print(f"matrix-hpc status: error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(st, indent=2))
-        return 0
+def status_lines(st: dict) -> list[str]:
+    """``RunStore.status()`` as the lines of ``matrix-hpc status``."""
     total = st["total"] or 0
     pct = f" ({100 * st['committed'] / total:.1f}%)" if total else ""
     rows = [
@@ -99,6 +78,4 @@ def _status(args) -> int:
         rows.append(("warning", f"{st['unreadable_envelopes']} committed row(s) are not readable task messages"))
     if st["torn_segments"]:
         rows.append(("note", f"{st['torn_segments']} torn commit(s) ignored (their rows are redone on resume)"))
-    lines = [f"{k:<11} {v}" for k, v in rows]
-    print("\n".join(lines))
-    return 0
+    return [f"{k:<11} {v}" for k, v in rows]

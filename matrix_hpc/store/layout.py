@@ -15,18 +15,15 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from matrix_hpc._gen.v1 import task_pb2
 
+# The files of the run directory are named by its owner, matrix_hpc.rundir.
+from matrix_hpc.rundir import DESC_FILE, EVENTS_FILE, FINGERPRINT_FILE, JOB_FILE, LOGS_DIR, STORE_NAME  # noqa: F401 - the format names them
+
 DONE = task_pb2.TASK_STATUS_DONE
 FAILED = task_pb2.TASK_STATUS_FAILED
 
 FORMAT = "matrix-hpc-run-store"
 FORMAT_VERSION = 1
 
-STORE_NAME = "store.zarr"
-JOB_FILE = "job.yaml"
-DESC_FILE = "payload.desc"
-FINGERPRINT_FILE = "fingerprint.json"
-LOGS_DIR = "logs"
-EVENTS_FILE = "events.jsonl"
 
 ROWS_PER_SEGMENT = 1024  # rows per index chunk = most rows per commit record
 INDEX_COLS = 8
