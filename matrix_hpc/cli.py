@@ -14,6 +14,7 @@ import sys
 # (module, function): each adds its sub-commands to the parser it is given.
 _TOP_LEVEL = [
     ("matrix_hpc.runtime.cli", "register"),  # run, resume
+    ("matrix_hpc.runtime.rerun", "register"),  # rerun
     ("matrix_hpc.store.cli", "register"),  # export, status
     ("matrix_hpc.services.sandbox.cli", "register_image"),  # image build
     ("matrix_hpc.slurm.cli", "register"),  # submit, sbatch-script, cancel, logs; Slurm side of status, resume

@@ -54,6 +54,22 @@ def _common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """--force, --no-progress, --json: the options of every command that runs a job (run, resume, rerun)."""
+    _common(p, run_dir=False)
+
+
+def recorded_job(run_dir: Path) -> Path:
+    """The job file a run directory was run with; FileNotFoundError in the words `status` uses."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    meta = run_dir / "job_path.txt"
+    if not meta.exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory made by `matrix-hpc run` "
+                                "(no recorded job file); pass --job")
+    return Path(meta.read_text().strip())
+
+
 def _run(args: argparse.Namespace) -> int:
     return _execute(args.job, args.run_dir, args)
 
@@ -61,11 +77,11 @@ def _run(args: argparse.Namespace) -> int:
 def _resume(args: argparse.Namespace) -> int:
     job = args.job
     if job is None:
-        meta = args.run_dir / "job_path.txt"
-        if not meta.exists():
-            print(f"error: {args.run_dir} has no recorded job file; pass --job", file=sys.stderr)
-            return 2
-        job = Path(meta.read_text().strip())
+        try:
+            job = recorded_job(args.run_dir)
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return Exit.USAGE
     return _execute(job, args.run_dir, args)
 
 
@@ -83,8 +99,8 @@ def _execute(job_path: Path, run_dir: Path | None, args: argparse.Namespace) -> 
         print(f"error: {e}", file=sys.stderr)
         return 2
     if nothing_to_do:
-        print(nothing_to_do)
-        return 0
+        print(nothing_to_do.message)
+        return nothing_to_do.exit_status
     try:
         summary = run(job, force=args.force, progress=not args.no_progress)
     except (ResumeRefused, RunDirRefused, CredentialError) as e:
@@ -96,6 +112,9 @@ def _execute(job_path: Path, run_dir: Path | None, args: argparse.Namespace) -> 
         return Exit.STOPPED
     _print_summary(summary, as_json=args.json)
     return summary.exit_status
+
+
+execute = _execute  # for `rerun`
 
 
 def _print_summary(s, *, as_json: bool) -> None:
@@ -123,12 +142,9 @@ def _print_summary(s, *, as_json: bool) -> None:
         for key, n in sorted(s.failures.items(), key=lambda kv: -kv[1]):
             print(f"  {n:>7}  {key}")
         print(f"sample error: {s.sample_error}")
-        print(f"failed rows: matrix-hpc export {s.run_dir} --failed")
-    if s.stopped_by:
-        print(f"stopped: {s.stopped_by}\ncommitted rows are kept and in-flight tasks were saved; fix the cause, "
-              f"then continue with: matrix-hpc resume {s.run_dir}")
-    elif s.interrupted:
-        print(f"interrupted: committed rows are kept and in-flight tasks were saved; "
-              f"continue with: matrix-hpc resume {s.run_dir}")
+        print(f"failed rows: matrix-hpc export {s.run_dir} --failed; run them again from their dataset rows: "
+              f"matrix-hpc rerun {s.run_dir} -o NEW_RUN_DIR")
+    if s.stopped_by:  # what was saved and how to go on: said once, by the driver, when it stopped
+        print(f"stopped: {s.stopped_by}")
     print(f"export: matrix-hpc export {s.run_dir} --format jsonl")
     print(f"exit status: {s.exit_status}")

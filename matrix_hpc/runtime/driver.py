@@ -19,7 +19,6 @@ from pathlib import Path
 
 import ray
 
-from matrix_hpc.job.dataset import count_rows
 from matrix_hpc.job.load import Job, load_job
 from matrix_hpc.runtime.agent_actor import AgentActor
 from matrix_hpc.runtime.message import Task
@@ -145,9 +144,9 @@ def open_store(job: Job, *, force: bool) -> tuple[RunStore, bool]:
     """Create the run store, or reopen it for a resume (refusing if the job changed)."""
     store = open_started(job)
     if store is None:  # no store yet (or one whose start failed before any task ran): a fresh run
-        total = count_rows(job.dataset_path, job.spec.dataset.limit) * job.spec.dataset.trials
         store = RunStore.create(job.run_dir, job_yaml=job.yaml_text, descriptor_set=job.descriptor_set,
-                                payload_type=job.payload_type, fingerprint=job.fingerprint, total_tasks=total)
+                                payload_type=job.payload_type, fingerprint=job.fingerprint,
+                                total_tasks=job.task_count())
         return store, False
     refuse_if_changed(store, job, force=force)
     return store, True

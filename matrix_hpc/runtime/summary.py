@@ -22,6 +22,12 @@ class Exit:
     STOPPED = 4  # stopped by a fault (a full disk, ...): fix it, then `matrix-hpc resume RUN_DIR`
     INTERRUPTED = 130  # Ctrl-C or SIGTERM/SIGHUP: checkpointed; `matrix-hpc resume RUN_DIR`
 
+    @staticmethod
+    def of_contents(failed_total: int, total: int, max_failed_fraction: float) -> int:
+        """The status a run directory's contents deserve, whichever command ran it: a run with more
+        failed tasks than allowed says so every time (a script's ``resume || alert`` sees it)."""
+        return Exit.TASKS_FAILED if failed_total > max_failed_fraction * total else Exit.OK
+
 
 @dataclass
 class RunSummary:
@@ -70,9 +76,7 @@ class RunSummary:
             return Exit.INTERRUPTED
         if self.stopped_by:
             return Exit.STOPPED
-        if self.failed_total > self.max_failed_fraction * self.total:
-            return Exit.TASKS_FAILED
-        return Exit.OK
+        return Exit.of_contents(self.failed_total, self.total, self.max_failed_fraction)
 
 
 def failure_breakdown(failed: Iterable[bytes]) -> tuple[dict[str, int], str | None]:
