@@ -102,7 +102,7 @@ def _output_dir(doc: YamlWithLines, spec: JobSpec, job_dir: Path) -> Path:
     copied elsewhere keeps an ``../../runs`` that may now point at a folder of another user (``/home``)."""
     out = (job_dir / spec.run.output_dir.format(job=spec.name)).resolve()
     existing = out
-    while not existing.exists():
+    while not os.path.exists(existing):  # False, not PermissionError, inside a folder we cannot enter
         existing = existing.parent
     if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK) or existing == out:
         return out

@@ -1,0 +1,152 @@
+"""The user's loop (issue 19): dataset columns checked against the payload at load, an exit status
+that follows the run directory's contents, and failed rows rerun from their dataset rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest import deadline
+from matrix_hpc.v1 import task_pb2
+
+from matrix_hpc import load_job
+from matrix_hpc.cli import main
+from matrix_hpc.job.load import JobFileError
+from matrix_hpc.runtime.agent_actor import payload_class
+from matrix_hpc.runtime.message import TaskFactory
+from matrix_hpc.runtime.summary import Exit
+from matrix_hpc.store import RunStore
+
+AGENTS = "from matrix_hpc import DONE\nasync def f(item, ctx):\n    return DONE\n"
+ROLES = {"f": {"agent": "agents:f"}}
+
+
+def refusal(path: Path) -> str:
+    with pytest.raises(JobFileError) as e:
+        load_job(path)
+    return str(e.value)
+
+
+def line_of(path: Path, text: str) -> int:
+    return next(i for i, t in enumerate(path.read_text().splitlines(), 1) if text in t)
+
+
+# ---- 1. every column fills a field, is the id, or is ignored ------------------------------------
+
+def test_a_misspelt_column_is_refused_naming_the_closest_field_and_the_key(make_job):
+    rows = [{"id": f"r{i}", "txt": f"row {i}", "n": i} for i in range(3)]
+    path = make_job(AGENTS, ROLES, "f", rows=rows)
+    data, line = path.parent / "data.jsonl", line_of(path, '"path"')
+    assert refusal(path) == (
+        f"{path}:{line}: dataset.path: column 'txt' ({data}:1) fills no field of tests.t.Item: "
+        "did you mean the field 'text'? Rename the column, or map it: payload.from_row, "
+        "or list it in dataset.ignore_columns to leave it out")
+
+
+def test_ignored_columns_load_and_the_unfilled_fields_are_listed(make_job):
+    rows = [{"id": f"r{i}", "text": f"row {i}", "source": "web"} for i in range(3)]
+    path = make_job(AGENTS, ROLES, "f", rows=rows, dataset={"ignore_columns": ["source"]})
+    assert load_job(path).unfilled_fields == ["n", "path", "blob"]
+
+
+def test_with_from_row_a_column_it_does_not_name_is_refused(make_job):
+    path = make_job(AGENTS, ROLES, "f", rows=3, payload={"from_row": {"text": "text"}})
+    msg = refusal(path)
+    assert "column 'n' (" in msg and msg.endswith(
+        "payload.from_row is given, so only the columns it names fill the payload; map it there (n: n), "
+        "or list it in dataset.ignore_columns to leave it out"), msg
+
+
+def test_a_later_row_with_an_unknown_column_fails_its_own_task(make_job):
+    job = load_job(make_job(AGENTS, ROLES, "f", rows=3))
+    factory = TaskFactory(job.spec, payload_class(job), None)
+    task = factory.new(150, {"id": "late", "text": "x", "colour": "red"}, 0, "data.jsonl:151")
+    assert task.status == task_pb2.TASK_STATUS_FAILED
+    assert task.error.message == ("RowError: data.jsonl:151: row id 'late': column(s) ['colour'] fill no payload "
+                                  "field; map them with payload.from_row or list them in dataset.ignore_columns")
+    ok = factory.new(0, {"id": "r0", "text": "x", "n": 4}, 0, "data.jsonl:1")
+    assert ok.status == task_pb2.TASK_STATUS_RUNNING
+
+
+def test_an_output_dir_that_cannot_be_made_is_refused_at_load(make_job, user_dir, unprivileged_user):
+    theirs = Path(tempfile.mkdtemp(prefix="userloop-root-"))  # root's, 0700: the user cannot write there
+    try:
+        job_dir = user_dir / "cv"
+        shutil.copytree(make_job(AGENTS, ROLES, "f", rows=2).parent, job_dir)
+        spec = json.loads((job_dir / "job.yaml").read_text())
+        spec["run"]["output_dir"] = os.path.relpath(theirs / "runs", job_dir)
+        (job_dir / "job.yaml").write_text(json.dumps(spec, indent=2))
+        os.chown(job_dir, unprivileged_user.uid, unprivileged_user.gid)
+        done = unprivileged_user.run([sys.executable, "-m", "matrix_hpc.cli", "run",
+                                      str(job_dir / "job.yaml"), "--no-progress"], timeout=120)
+        line = line_of(job_dir / "job.yaml", '"output_dir"')
+        assert done.returncode == 2, done.stderr
+        assert done.stderr == (
+            f"error: {job_dir / 'job.yaml'}:{line}: run.output_dir: {spec['run']['output_dir']!r} is "
+            f"{theirs / 'runs'}, outside the job folder {job_dir}, and cannot be made there ({theirs} is not a "
+            "folder this user can write to); give an output_dir inside the job folder (e.g. runs/{job}) "
+            "or pass -o RUN_DIR\n")
+    finally:
+        shutil.rmtree(theirs)
+
+
+# ---- 2 and 3: the exit status follows the run; failed rows rerun from their dataset rows --------
+
+FLAKY = """
+from pathlib import Path
+from matrix_hpc import DONE
+
+async def f(item, ctx):
+    if item.n == 2 and not (Path(__file__).parent / "fixed").exists():
+        raise ValueError("n is 2")
+    item.path.append("f")
+    return DONE
+"""
+
+
+def export_rows(run_dir: Path, *extra: str) -> list[dict]:
+    out = run_dir / "export.jsonl"
+    assert main(["export", str(run_dir), "-o", str(out), *extra]) == 0
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_failed_rows_rerun_from_their_dataset_rows_into_a_new_run_directory(ray_session, make_job, capsys):
+    path = make_job(FLAKY, ROLES, "f", rows=6, run={"retry": {"max_retries": 0, "backoff_s": 0}})
+    data = path.parent / "data.jsonl"
+    lines = data.read_text().splitlines()
+    lines[4] = '{"id": "r4", "text": "row 4", "n": 4'  # malformed: fails its own task as row "4"
+    data.write_text("\n".join(lines) + "\n")
+    run_dir = path.parent / "out"
+    with deadline(180):
+        assert main(["run", str(path), "--no-progress"]) == Exit.TASKS_FAILED
+        assert main(["resume", str(run_dir)]) == Exit.TASKS_FAILED  # already complete, still failed
+    failed = {r["task_id"]: r for r in export_rows(run_dir, "--failed")}
+    assert sorted(failed) == ["4#0", "r2#0"] and failed["4#0"]["text"] == ""  # the payload at the failure
+    capsys.readouterr()
+
+    lines[4] = '{"id": "r4", "text": "row 4", "n": 4}'  # the line fixed in place, the agent fixed
+    data.write_text("\n".join(lines) + "\n")
+    (path.parent / "fixed").write_text("")
+    new = path.parent / "again"
+    with deadline(180):
+        assert main(["rerun", str(run_dir), "-o", str(new), "--no-progress"]) == Exit.USAGE
+        assert "the dataset changed since" in capsys.readouterr().err
+        assert not new.exists()
+        assert main(["rerun", str(run_dir), "-o", str(new), "--no-progress", "--force"]) == Exit.OK
+        assert main(["resume", str(new)]) == Exit.OK  # already complete
+    status = RunStore.open(new).status()
+    assert (status["total"], status["done"], status["failed"], status["pending"]) == (2, 2, 0, 0)
+    rows = {r["task_id"]: r for r in export_rows(new)}
+    assert sorted(rows) == ["r2#0", "r4#0"]  # the fixed line has its id now
+    assert [(rows[t]["text"], rows[t]["n"], rows[t]["path"], rows[t]["retries"]) for t in sorted(rows)] == [
+        ("row 2", 2, ["f"], 0), ("row 4", 4, ["f"], 0)]  # fresh from the row: one step, no failed try carried
+    old = RunStore.open(run_dir).status()
+    assert (old["done"], old["failed"]) == (4, 2)  # the original is left as it was; 4 + 2 rerun = 6 rows done
+    with deadline(60):
+        assert main(["rerun", str(new), "-o", str(path.parent / "third")]) == Exit.OK
+    assert "no failed tasks; nothing to rerun" in capsys.readouterr().out
