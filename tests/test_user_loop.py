@@ -150,3 +150,46 @@ def test_failed_rows_rerun_from_their_dataset_rows_into_a_new_run_directory(ray_
     with deadline(60):
         assert main(["rerun", str(new), "-o", str(path.parent / "third")]) == Exit.OK
     assert "no failed tasks; nothing to rerun" in capsys.readouterr().out
+
+
+# ---- 4. one throughput --------------------------------------------------------------------------
+
+def test_the_summary_its_event_and_status_give_one_throughput(ray_session, make_job):
+    from matrix_hpc import run
+
+    job = load_job(make_job(AGENTS, ROLES, "f", rows=30))
+    with deadline(120):
+        summary = run(job, progress=False)
+    final = RunStore.open(job.run_dir).events()[-1]
+    status = RunStore.open(job.run_dir).status()
+    assert summary.done == 30 and summary.processing_s > 0
+    expected = round(30 / summary.processing_s, 2)
+    assert round(summary.throughput, 2) == final["throughput_rows_per_s"] == status["throughput_rows_per_s"] \
+        == expected
+    assert status["processing_s"] == round(summary.processing_s, 3)
+
+
+def test_status_sums_the_processing_of_every_session_and_no_time_between(monkeypatch):
+    from types import SimpleNamespace as Seg
+
+    from matrix_hpc.store.throughput import processing_seconds
+
+    events = [{"kind": "sending", "run_id": "a", "time": "2026-01-01T00:00:00.000Z"},
+              {"kind": "interrupted", "run_id": "a", "time": "2026-01-01T00:00:09.000Z", "processing_s": 8.5},
+              {"kind": "sending", "run_id": "b", "time": "2026-01-01T01:00:00.000Z"}]  # b: still running
+    b_start = 1767229200 * 10**9  # 2026-01-01T01:00:00Z
+    segments = [Seg(writer="a-sink-0", time_ns=b_start - 3590 * 10**9),
+                Seg(writer="b-sink-0", time_ns=b_start + 2_250_000_000),
+                Seg(writer="b-sink-1", time_ns=b_start + 1_500_000_000)]
+    assert processing_seconds(events, segments) == 8.5 + 2.25
+
+
+def test_the_progress_line_counts_rows_per_second_since_sending_began(monkeypatch):
+    import io
+
+    from matrix_hpc.runtime import progress as progress_module
+
+    p = progress_module.Progress(100, 10, stream=io.StringIO())
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: p.t0 + 4.0)
+    p.update(done=6, failed=2, in_flight=5)
+    assert p.line == "done 16/100  failed 2  in flight 5  2.0 rows/s  ETA 41s"

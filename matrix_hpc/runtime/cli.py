@@ -123,7 +123,8 @@ def _print_summary(s, *, as_json: bool) -> None:
                           "step_latency": s.step_latency}))
         return
     print(f"run directory: {s.run_dir}")
-    print(f"this run: {s.done} done, {s.failed} failed in {s.wall_s:.1f}s ({s.throughput:.1f} tasks/s); "
+    print(f"this run: {s.done} done, {s.failed} failed in {s.wall_s:.1f}s; {s.throughput:.1f} rows/s over "
+          f"{s.processing_s:.1f}s of processing; "
           f"run directory: {s.done_total} done, {s.failed_total} failed of {s.total} tasks")
     if s.resumed or s.recovered:
         print(f"resumed from snapshot: {s.resumed}; recovered after an actor died: {s.recovered}")

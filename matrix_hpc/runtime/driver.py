@@ -42,6 +42,7 @@ from matrix_hpc.runtime.sink import SinkActor
 from matrix_hpc.runtime.source import SourceActor
 from matrix_hpc.runtime.summary import RunSummary, failure_breakdown
 from matrix_hpc.store import DONE, FAILED, RunStore
+from matrix_hpc.store.throughput import SENDING
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,7 @@ class _Run:
         if errors and not self.stopped_by:
             self.stopped_by = errors[0]
         summary = self._summary(outcome, t0, latency, counts, restore, finals)
-        self._event(outcome if not self.stopped_by else "stopped", **summary.counts())
+        self._event(outcome if not self.stopped_by else "stopped", run_id=self.id, **summary.counts())
         return summary
 
     def _summary(self, outcome: str, t0: float, latency, counts, restore, finals: list[dict]) -> RunSummary:
@@ -289,7 +290,8 @@ class _Run:
         """Run until every task is committed ("finished"), Ctrl-C/SIGTERM ("interrupted") or a fault
         that stops the run ("stopped"); the last two after a checkpoint."""
         progress = self.term.progress(self.store.total_tasks, already)
-        started = time.monotonic()
+        self.sending_since = time.monotonic()  # processing starts: the throughput's clock (store/throughput.py)
+        self._event(SENDING, run_id=self.id)
         get(self.source.start.remote())
         last_checkpoint = last_health = time.monotonic()
         try:
@@ -305,7 +307,7 @@ class _Run:
                 progress.update(done=sum(s["done"] for s in self.sink_stats.values()),
                                 failed=sum(s["failed"] for s in self.sink_stats.values()), in_flight=src["in_flight"])
                 if src["exhausted"] and src["in_flight"] == 0:
-                    self.processing_s = time.monotonic() - started
+                    self.processing_s = time.monotonic() - self.sending_since
                     progress.close()
                     return "finished"
                 fault = next((s["commit_error"] for s in sinks if s.get("commit_error")), None)
@@ -328,6 +330,7 @@ class _Run:
 
     def _stop(self, fault: str | None) -> str:
         """Stop early: save what is in flight, say why and how to go on."""
+        self.processing_s = time.monotonic() - self.sending_since
         if fault:
             self.stopped_by = fault
             print(f"\nstopping: {fault}", file=sys.stderr)

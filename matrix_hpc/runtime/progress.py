@@ -186,7 +186,8 @@ class Terminal:
 
 
 class Progress:
-    """done / failed / in flight, tasks per second and ETA: a live bar on a terminal (warnings
+    """done / failed / in flight, rows committed per second since the first row was sent (the run's
+    one throughput, store/throughput.py) and ETA: a live bar on a terminal (warnings
     summarized below it), a line every 10 s otherwise, so logs stay readable."""
 
     def __init__(self, total: int, already: int, *, enabled: bool = True, stream: TextIO | None = None,
@@ -214,7 +215,7 @@ class Progress:
         eta = _duration(left / rate) if rate > 0 else "?"
         self.done = self.already + finished
         self.line = (f"done {self.already + done}/{self.total}  failed {failed}  in flight {in_flight}  "
-                     f"{rate:.1f} tasks/s  ETA {eta}")
+                     f"{rate:.1f} rows/s  ETA {eta}")
         if self.live is not None:
             self.live.update(self._render())
         elif now - self.last_print >= _PLAIN_EVERY_S:

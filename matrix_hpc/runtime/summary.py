@@ -64,11 +64,14 @@ class RunSummary:
         """What the run did, as plain numbers (the summary's event in events.jsonl)."""
         out = {k: v for k, v in asdict(self).items() if k not in ("run_dir", "step_latency", "actor_steps")}
         out["exit_status"] = self.exit_status
+        out["throughput_rows_per_s"] = round(self.throughput, 2)
         return out
 
     @property
     def throughput(self) -> float:
-        return (self.done + self.failed) / self.wall_s if self.wall_s else 0.0
+        """Rows this run committed per second of processing (from its first row sent to its last
+        commit; store/throughput.py): the figure of the progress line, ``status`` and events."""
+        return (self.done + self.failed) / self.processing_s if self.processing_s > 0 else 0.0
 
     @property
     def exit_status(self) -> int:
