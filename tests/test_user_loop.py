@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -87,7 +90,7 @@ def test_an_output_dir_that_cannot_be_made_is_refused_at_load(make_job, user_dir
         line = line_of(job_dir / "job.yaml", '"output_dir"')
         assert done.returncode == 2, done.stderr
         assert done.stderr == (
-            f"error: {job_dir / 'job.yaml'}:{line}: run.output_dir: {spec['run']['output_dir']!r} is "
+            f"matrix-hpc run: error: {job_dir / 'job.yaml'}:{line}: run.output_dir: {spec['run']['output_dir']!r} is "
             f"{theirs / 'runs'}, outside the job folder {job_dir}, and cannot be made there ({theirs} is not a "
             "folder this user can write to); give an output_dir inside the job folder (e.g. runs/{job}) "
             "or pass -o RUN_DIR\n")
@@ -193,3 +196,61 @@ def test_the_progress_line_counts_rows_per_second_since_sending_began(monkeypatc
     monkeypatch.setattr(progress_module.time, "monotonic", lambda: p.t0 + 4.0)
     p.update(done=6, failed=2, in_flight=5)
     assert p.line == "done 16/100  failed 2  in flight 5  2.0 rows/s  ETA 41s"
+
+
+# ---- 5. a clean terminal --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [["status"], ["export"], ["resume"], ["rerun", "-o", "elsewhere"], ["logs"],
+                                  ["cancel"]])
+def test_every_command_names_a_missing_run_directory_in_the_same_words(argv, capsys):
+    assert main([argv[0], "does/not/exist", *argv[1:]]) == 2
+    assert capsys.readouterr().err == f"matrix-hpc {argv[0]}: error: does/not/exist: no such run directory\n"
+
+
+def test_status_into_a_closed_pipe_ends_quietly(make_job):
+    from matrix_hpc.runtime.driver import open_store
+
+    job = load_job(make_job(AGENTS, ROLES, "f", rows=3))
+    open_store(job, force=False)
+    read, write = os.pipe()
+    os.close(read)  # the reader has left already (`| head` that has what it wanted): every write fails
+    try:
+        done = subprocess.run([sys.executable, "-m", "matrix_hpc.cli", "status", str(job.run_dir)], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (128 + signal.SIGPIPE, "")
+
+
+BIG = "from matrix_hpc import DONE\nimport time\nasync def f(item, ctx):\n    time.sleep(0.05)\n    return DONE\n"
+
+
+@pytest.mark.slow  # its own Ray, started by `matrix-hpc run` in a subprocess
+def test_ray_core_worker_lines_go_to_the_log_and_an_interrupt_is_told_once(make_job):
+    from test_resume import kill_session
+
+    path = make_job(BIG, ROLES, "f", rows=400, run={"max_in_flight": 8})
+    spec = json.loads(path.read_text())
+    spec["description"] = "x" * 150_000  # the job is passed to every actor: past Ray's inline limit
+    path.write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "matrix_hpc.cli", "run", str(path), "--no-progress"],
+                            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    run_dir = path.parent / "out"
+    try:
+        with deadline(150):
+            while not (run_dir / "store.zarr").exists() or not RunStore.open(run_dir).committed():
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        kill_session(proc.pid)
+    assert proc.returncode == Exit.INTERRUPTED, err
+    log = (run_dir / "logs" / "run.log").read_text()
+    assert "has constructor arguments in the object store" in log
+    assert "core_worker.cc" not in err + out and "Traceback" not in err + out, err
+    told = [line for line in (err + out).splitlines() if line.startswith("interrupted")]
+    assert told == [f"interrupted: committed rows are kept, in-flight tasks saved; continue with: "
+                    f"matrix-hpc resume {run_dir}"], err + out

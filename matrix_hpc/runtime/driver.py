@@ -336,7 +336,7 @@ class _Run:
             print(f"\nstopping: {fault}", file=sys.stderr)
             self._event("commit_failed", error=fault)
         else:
-            print("\ninterrupted: saving in-flight tasks ...", file=sys.stderr)
+            print("\nstopping: saving the tasks in flight ...", file=sys.stderr)
         saved = self.recovery.checkpoint()
         kept = ("in-flight tasks saved" if saved >= 0
                 else "in-flight tasks NOT saved (they restart from the last checkpoint)")

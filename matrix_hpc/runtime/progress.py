@@ -22,7 +22,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from matrix_hpc.runtime.ray_output import RayOutputToFile
+from matrix_hpc.runtime.ray_output import NativeStderrToFile, RayOutputToFile
 
 RUN_LOG = "run.log"
 _WARNINGS_SHOWN = 3
@@ -145,6 +145,10 @@ class Terminal:
         stream = self.log_file.open("a", buffering=1)
         ray_out = RayOutputToFile(stream, self.warnings.add)
         ray_out.install()
+        native = NativeStderrToFile(stream)
+        terminal, console_file = native.install(), self.console.file
+        if terminal is not None and console_file is native.previous_stderr:
+            self.console.file = terminal
         to_file = logging.StreamHandler(stream)
         to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         counting = _CountingHandler(self.warnings)
@@ -157,6 +161,8 @@ class Terminal:
             logger.setLevel(logging.INFO)
 
         def undo() -> None:
+            self.console.file = console_file
+            native.uninstall()
             ray_out.uninstall()
             logger.removeHandler(to_file)
             logger.removeHandler(counting)

@@ -51,8 +51,8 @@ def _rerun(args: argparse.Namespace) -> int:
 
     origin, new = args.run_dir.resolve(), args.new_run_dir.resolve()
     try:
-        rows = failed_rows(origin)
-        job_path = args.job or recorded_job(origin)
+        rows = failed_rows(args.run_dir)
+        job_path = args.job or recorded_job(args.run_dir)
         if not rows:
             print(f"{origin}: no failed tasks; nothing to rerun")
             return Exit.OK

@@ -138,10 +138,16 @@ def _sbatch_script(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exists(run_dir: Path) -> None:
+    if not run_dir.is_dir():  # in the words of every other command
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+
+
 def _cancel(args: argparse.Namespace) -> int:
     from matrix_hpc.slurm.status import cancel
 
     try:
+        _exists(args.run_dir)
         print(cancel(args.run_dir, timeout=args.timeout))
     except FileNotFoundError as e:
         print(f"matrix-hpc cancel: error: {e}", file=sys.stderr)
@@ -153,6 +159,7 @@ def _logs(args: argparse.Namespace) -> int:
     from matrix_hpc.slurm.status import node_logs
 
     try:
+        _exists(args.run_dir)
         paths = node_logs(args.run_dir, args.node)
     except FileNotFoundError as e:
         print(f"matrix-hpc logs: error: {e}", file=sys.stderr)
