@@ -254,3 +254,16 @@ def test_ray_core_worker_lines_go_to_the_log_and_an_interrupt_is_told_once(make_
     told = [line for line in (err + out).splitlines() if line.startswith("interrupted")]
     assert told == [f"interrupted: committed rows are kept, in-flight tasks saved; continue with: "
                     f"matrix-hpc resume {run_dir}"], err + out
+
+
+def test_vllm_own_warnings_stay_in_the_log_and_the_rest_still_count():
+    from matrix_hpc.runtime.ray_output import worth_a_warning
+
+    engine = ("(LLMReplica pid=812) (EngineCore_DP0 pid=990) WARNING 12-05 17:00:00 [arg_utils.py:3006] This model "
+              "does not officially support disabling chunked prefill. Disabling this manually may cause the engine "
+              "to crash or produce incorrect outputs.")
+    assert not worth_a_warning(engine)
+    assert worth_a_warning(engine.replace("WARNING", "ERROR"))  # the engine's errors matter
+    assert worth_a_warning("(f[t:1234abcd] pid=77) WARNING agents: row 10 looks odd")
+    assert worth_a_warning("Traceback (most recent call last):")
+    assert not worth_a_warning("(f pid=77) agent print 10")

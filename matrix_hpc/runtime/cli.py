@@ -101,6 +101,9 @@ def _execute(job_path: Path, run_dir: Path | None, args: argparse.Namespace) -> 
     if nothing_to_do:
         print(nothing_to_do.message)
         return nothing_to_do.exit_status
+    if job.unfilled_fields and not (job.run_dir / "store.zarr").exists():  # said once, for a new run
+        print(f"note: payload fields that no dataset column fills (left to the agents): "
+              f"{', '.join(job.unfilled_fields)}", file=sys.stderr)
     try:
         summary = run(job, force=args.force, progress=not args.no_progress)
     except (ResumeRefused, RunDirRefused, CredentialError) as e:
