@@ -10,10 +10,12 @@ from pathlib import Path
 from matrix_hpc.job.yamlpos import JobFileError
 from matrix_hpc.runtime.summary import Exit
 
-EXIT_CODES = (f"exit status: {Exit.OK} every task done (or failures within run.max_failed_fraction); "
+EXIT_CODES = (f"exit status (it follows the run directory's contents, whichever command ran and however often): "
+              f"{Exit.OK} every task done (or failures within run.max_failed_fraction); "
               f"{Exit.USAGE} a bad job file, a refused resume, or something the run needs that is missing or "
               f"out of reach (one line each, with its fix); {Exit.TASKS_FAILED} the run ended with more "
-              f"failed tasks than run.max_failed_fraction allows (see `matrix-hpc export RUN_DIR --failed`); "
+              f"failed tasks than run.max_failed_fraction allows (see `matrix-hpc export RUN_DIR --failed`; "
+              f"`matrix-hpc rerun RUN_DIR -o NEW_RUN_DIR` runs them again); "
               f"{Exit.STOPPED} stopped by a fault such as a full disk (fix it, then `matrix-hpc resume RUN_DIR`); "
               f"{Exit.INTERRUPTED} interrupted by Ctrl-C, SIGTERM or SIGHUP after a checkpoint "
               f"(`matrix-hpc resume RUN_DIR`); {Exit.ERROR} an unexpected error.")
@@ -122,8 +124,7 @@ execute = _execute  # for `rerun`
 
 def _print_summary(s, *, as_json: bool) -> None:
     if as_json:
-        print(json.dumps({**s.counts(), "run_dir": str(s.run_dir), "throughput": s.throughput,
-                          "step_latency": s.step_latency}))
+        print(json.dumps({**s.counts(), "run_dir": str(s.run_dir), "step_latency": s.step_latency}))
         return
     print(f"run directory: {s.run_dir}")
     print(f"this run: {s.done} done, {s.failed} failed in {s.wall_s:.1f}s; {s.throughput:.1f} rows/s over "
