@@ -84,7 +84,8 @@ def test_an_output_dir_that_cannot_be_made_is_refused_at_load(make_job, user_dir
         spec = json.loads((job_dir / "job.yaml").read_text())
         spec["run"]["output_dir"] = os.path.relpath(theirs / "runs", job_dir)
         (job_dir / "job.yaml").write_text(json.dumps(spec, indent=2))
-        os.chown(job_dir, unprivileged_user.uid, unprivileged_user.gid)
+        for p in [job_dir, *job_dir.iterdir()]:  # the user's own job folder, whatever our umask
+            os.chown(p, unprivileged_user.uid, unprivileged_user.gid)
         done = unprivileged_user.run([sys.executable, "-m", "matrix_hpc.cli", "run",
                                       str(job_dir / "job.yaml"), "--no-progress"], timeout=120)
         line = line_of(job_dir / "job.yaml", '"output_dir"')
