@@ -129,6 +129,8 @@ def test_failed_rows_rerun_from_their_dataset_rows_into_a_new_run_directory(ray_
     with deadline(180):
         assert main(["run", str(path), "--no-progress"]) == Exit.TASKS_FAILED
         assert main(["resume", str(run_dir)]) == Exit.TASKS_FAILED  # already complete, still failed
+    note = "note: payload fields that no dataset column fills (left to the agents): path, blob\n"
+    assert capsys.readouterr().err.count(note) == 1  # once, when the run directory was made
     failed = {r["task_id"]: r for r in export_rows(run_dir, "--failed")}
     assert sorted(failed) == ["4#0", "r2#0"] and failed["4#0"]["text"] == ""  # the payload at the failure
     capsys.readouterr()
