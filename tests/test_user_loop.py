@@ -270,3 +270,30 @@ def test_vllm_own_warnings_stay_in_the_log_and_the_rest_still_count():
     assert worth_a_warning("(f[t:1234abcd] pid=77) WARNING agents: row 10 looks odd")
     assert worth_a_warning("Traceback (most recent call last):")
     assert not worth_a_warning("(f pid=77) agent print 10")
+    assert not worth_a_warning("(LLMReplica pid=812) WARNING:vllm.triton_utils.importing:Triton is installed, but "
+                               "doesn't include CPU backend. Disabling Triton.")  # before vLLM set its format
+
+
+def test_worker_output_after_the_work_is_the_teardown_and_is_not_counted(tmp_path):
+    import io
+    import logging
+
+    from matrix_hpc.runtime.progress import Terminal
+
+    out = io.StringIO()
+    term = Terminal(enabled=True, stream=out)
+    term.capture(tmp_path / "logs")
+    progress = term.progress(total=1, already=0)
+    term.warnings.add_from_worker("(sink pid=3) WARNING commit slow")
+    term.warnings.add_from_worker("(LLMReplica pid=9) ERROR 12-05 17:33:30 [core.py:12] a real engine error")
+    progress.close()  # the run's work is over; the engines are being shut down
+    term.warnings.add_from_worker("(LLMReplica pid=9) ERROR 12-05 17:33:32 [async_llm.py:906] AsyncLLM "
+                                  "output_handler failed.")
+    term.warnings.add_from_worker("(f pid=4) WARNING agents: row 39 looks odd")  # an agent's, arriving late
+    logging.getLogger("matrix_hpc.runtime.driver").warning("a sandbox did not stop")  # ours still count
+    term.close()
+    assert out.getvalue() == (f"warnings: 4 (details in {tmp_path / 'logs' / 'run.log'})\n"
+                              "  1 x (sink pid=3) WARNING commit slow\n"
+                              "  1 x (LLMReplica pid=9) ERROR 12-05 17:33:30 [core.py:12] a real engine error\n"
+                              "  1 x (f pid=4) WARNING agents: row 39 looks odd\n"
+                              "  ... and 1 other kind(s)\n")

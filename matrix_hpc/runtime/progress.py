@@ -22,7 +22,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from matrix_hpc.runtime.ray_output import NativeStderrToFile, RayOutputToFile
+from matrix_hpc.runtime.ray_output import NativeStderrToFile, RayOutputToFile, is_engine_line
 
 RUN_LOG = "run.log"
 _WARNINGS_SHOWN = 3
@@ -71,6 +71,13 @@ class Warnings:
         self.kinds: Counter[str] = Counter()
         self.example: dict[str, str] = {}
         self.lock = threading.Lock()
+        self.work_over = False  # set once every task is committed or saved (Progress.close)
+
+    def add_from_worker(self, line: str) -> None:
+        """A warning line of a Ray worker's output. An engine's lines after the run's work is over are
+        its teardown (vLLM's "EngineDeadError" as it is shut down): kept in the log only."""
+        if not (self.work_over and is_engine_line(line)):
+            self.add(line)
 
     def add(self, message: str) -> None:
         first = message.strip().splitlines()[0][:160] if message.strip() else ""
@@ -143,7 +150,7 @@ class Terminal:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_file = log_dir / RUN_LOG
         stream = self.log_file.open("a", buffering=1)
-        ray_out = RayOutputToFile(stream, self.warnings.add)
+        ray_out = RayOutputToFile(stream, self.warnings.add_from_worker)
         ray_out.install()
         native = NativeStderrToFile(stream)
         terminal, console_file = native.install(), self.console.file
@@ -235,6 +242,7 @@ class Progress:
         return Group(row, *(Text(line, style="yellow") for line in self.warnings.lines(self.log_file)))
 
     def close(self) -> None:
+        self.warnings.work_over = True  # what engines say from here on is their teardown
         if self.live is not None:
             self.live.update(Text(self.line))  # the final numbers stay; the warnings follow once
             self.live.stop()

@@ -22,10 +22,16 @@ from matrix_hpc._compat import ray_worker_module
 
 _HANDLER = "ray_print_logs"
 _WARNING_LINE = re.compile(r"^\s*(\(.*?\)\s*)?(WARNING|ERROR|CRITICAL)\b|Traceback \(most recent call last\)")
-# vLLM's own warnings ("WARNING 12-05 17:00:00 [arg_utils.py:3006] ..."): about the engine settings the
-# llm service chose on purpose (chunked prefill off on CPU, ...), not about the user's run; kept in the
-# log file, not counted. vLLM's errors still count.
-_ENGINE_NOTICE = re.compile(r"\bWARNING \d\d-\d\d \d\d:\d\d:\d\d(\.\d+)? \[[\w./-]+:\d+\]")
+# vLLM's own log lines ("(EngineCore pid=7) WARNING 12-05 17:00:00 [arg_utils.py:3006] ...", or
+# "WARNING:vllm.x:..." before vLLM has set up its logging). Its warnings are about the engine settings
+# the llm service chose on purpose (chunked prefill off on CPU, ...), not about the user's run: kept
+# in the log file, not counted. Its errors count, except in the teardown (see Warnings.add_from_worker).
+_ENGINE_LINE = re.compile(r"\b[A-Z]+ \d\d-\d\d \d\d:\d\d:\d\d(\.\d+)? \[[\w./-]+:\d+\]|\b[A-Z]+:vllm\.")
+_ENGINE_NOTICE = re.compile(r"\bWARNING \d\d-\d\d \d\d:\d\d:\d\d(\.\d+)? \[[\w./-]+:\d+\]|\bWARNING:vllm\.")
+
+
+def is_engine_line(line: str) -> bool:
+    return bool(_ENGINE_LINE.search(line))
 
 
 def worth_a_warning(line: str) -> bool:
