@@ -33,7 +33,7 @@ def test_resume_after_editing_a_middle_row_is_refused_before_ray(make_job, no_ra
     with deadline(30):
         assert main(["resume", str(job.run_dir), "--job", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err == (f"matrix-hpc resume: error: {job.run_dir} was made by a different job: changed since: dataset. "
+    assert err == (f"error: {job.run_dir} was made by a different job: changed since: dataset. "
                    "Use another output directory, or --force to resume anyway.\n")
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from conftest import deadline
-from matrix_hpc.v1 import task_pb2
 
 from matrix_hpc import load_job
+from matrix_hpc._gen.v1 import task_pb2
 from matrix_hpc.cli import main
 from matrix_hpc.job.load import JobFileError
 from matrix_hpc.runtime.agent_actor import payload_class
@@ -91,7 +91,7 @@ def test_an_output_dir_that_cannot_be_made_is_refused_at_load(make_job, user_dir
         line = line_of(job_dir / "job.yaml", '"output_dir"')
         assert done.returncode == 2, done.stderr
         assert done.stderr == (
-            f"matrix-hpc run: error: {job_dir / 'job.yaml'}:{line}: run.output_dir: {spec['run']['output_dir']!r} is "
+            f"error: {job_dir / 'job.yaml'}:{line}: run.output_dir: {spec['run']['output_dir']!r} is "
             f"{theirs / 'runs'}, outside the job folder {job_dir}, and cannot be made there ({theirs} is not a "
             "folder this user can write to); give an output_dir inside the job folder (e.g. runs/{job}) "
             "or pass -o RUN_DIR\n")
@@ -207,7 +207,9 @@ def test_the_progress_line_counts_rows_per_second_since_sending_began(monkeypatc
                                   ["cancel"]])
 def test_every_command_names_a_missing_run_directory_in_the_same_words(argv, capsys):
     assert main([argv[0], "does/not/exist", *argv[1:]]) == 2
-    assert capsys.readouterr().err == f"matrix-hpc {argv[0]}: error: does/not/exist: no such run directory\n"
+    err = capsys.readouterr().err  # `run`, `resume` and `rerun` say "error: ", as for a bad job file
+    prefix = "error: " if argv[0] in ("resume", "rerun") else f"matrix-hpc {argv[0]}: error: "
+    assert err == f"{prefix}does/not/exist: no such run directory\n"
 
 
 def test_status_into_a_closed_pipe_ends_quietly(make_job):

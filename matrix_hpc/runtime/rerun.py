@@ -34,8 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def failed_rows(run_dir: Path) -> frozenset[tuple[int, int]]:
     """(row index, trial) of every failed task of ``run_dir``."""
+    from matrix_hpc._gen.v1 import task_pb2
     from matrix_hpc.store import FAILED, RunStore
-    from matrix_hpc.v1 import task_pb2
 
     store = RunStore.open(run_dir)
     return frozenset((t.row_index, t.trial) for t in map(task_pb2.Task.FromString, store.iter_results(status=FAILED)))
