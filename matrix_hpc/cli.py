@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 # (module, function): each adds its sub-commands to the parser it is given.
 _TOP_LEVEL = [
     ("matrix_hpc.runtime.cli", "register"),  # run
+    ("matrix_hpc.runtime.rerun", "register"),  # rerun
     ("matrix_hpc.store.cli", "register"),  # export
     ("matrix_hpc.services.sandbox.cli", "register_image"),  # image build
     ("matrix_hpc.slurm.cli", "register"),  # submit, sbatch-script, cancel, logs; resume and status (local or Slurm)
@@ -46,7 +48,19 @@ def main(argv: list[str] | None = None) -> int:
         # Whatever matrix-hpc writes (run directories, exports, secrets, logs) is the user's alone.
         # Images are read by the sandbox's own unprivileged user: `image build` keeps the umask.
         os.umask(0o077)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:  # `matrix-hpc status RUN | head`: the reader left; nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 128 + signal.SIGPIPE
+    except KeyboardInterrupt:  # outside a run (which handles its own): no traceback
+        print(f"matrix-hpc {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as e:
+        # a path the user gave (an export target, a run directory ...): the path and why, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"matrix-hpc {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """What the loader checks in a dataset before a run starts, and the dataset's content digest.
 
 * The columns a job names (``payload.from_row``, ``dataset.id_field``) are looked for in the
-  first rows (the schema, for Parquet): a column none of them has is a job-file error.
+  first rows (the schema, for Parquet): a column none of them has is a job-file error. Every
+  column found there must fill a payload field, be the id field or be in
+  ``dataset.ignore_columns`` (a misspelt column would otherwise leave its field empty).
 * One streamed pass over the file computes a SHA-256 of its bytes (the resume fingerprint: any
   edit anywhere is noticed) and checks that no two rows share an id. Its result is cached in
   the run directory under the file's (path, size, mtime_ns, inode), so resuming a run on an
@@ -10,6 +12,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -25,27 +28,69 @@ SAMPLE_ROWS = 100
 _BLOCK = 8 << 20
 
 
-def check_columns(doc: YamlWithLines, spec, path: Path) -> None:
-    """Refuse a ``from_row`` column or an id field that none of the dataset's first rows has."""
+def column_fields(spec, desc) -> dict[str, str] | None:
+    """Dataset column -> the payload field it fills (``desc``: the payload's message descriptor);
+    None when ``payload.builder`` reads the rows (then the builder decides)."""
+    if spec.payload.builder:
+        return None
+    if spec.payload.from_row is not None:
+        return {col: f for f, col in spec.payload.from_row.items()}
+    return {name: f.name for f in desc.fields for name in (f.name, f.json_name)}
+
+
+def unused_columns(spec, fills: dict[str, str], columns) -> list[str]:
+    """The columns that fill no payload field and are neither the id field nor ignored."""
+    known = set(fills) | set(spec.dataset.ignore_columns) | {spec.dataset.id_field}
+    return [c for c in columns if c not in known]
+
+
+def check_columns(doc: YamlWithLines, spec, path: Path, desc) -> list[str]:
+    """Refuse a ``from_row`` column or an id field that none of the dataset's first rows has, and a
+    column there that fills no payload field (unless in ``dataset.ignore_columns``). Return the
+    payload fields that no column fills (left for the agents)."""
     wanted = {("dataset", "id_field"): spec.dataset.id_field} if spec.dataset.id_field else {}
     if spec.payload.from_row and not spec.payload.builder:
         wanted |= {("payload", "from_row", f): col for f, col in spec.payload.from_row.items()}
-    if not wanted:
-        return
+    fills = column_fields(spec, desc)
+    if not wanted and fills is None:
+        return []
     columns, seen = _sample_columns(path)
     for loc, col in wanted.items():
         if col not in columns:
             have = ", ".join(sorted(columns)) or "none"
             raise JobFileError(f"{doc.where(loc)}: column {col!r} is in none of {seen}; columns there: {have}")
+    if fills is None:
+        return []
+    filled = {fills[c] for c in columns if c in fills}
+    unfilled = [f.name for f in desc.fields if f.name not in filled]
+    unused = unused_columns(spec, fills, columns)
+    if unused:
+        raise JobFileError("\n".join(_unused_column(doc, spec, desc, col, columns[col], unfilled) for col in unused))
+    return unfilled
 
 
-def _sample_columns(path: Path) -> tuple[set[str], str]:
-    """The columns of the dataset (Parquet schema, or keys of the first JSONL rows) and what was read."""
+def _unused_column(doc: YamlWithLines, spec, desc, col: str, where: str, unfilled: list[str]) -> str:
+    fields = [f.name for f in desc.fields]
+    close = difflib.get_close_matches(col, unfilled, n=1) or difflib.get_close_matches(col, fields, n=1)
+    if spec.payload.from_row is not None:
+        hint = (f"payload.from_row is given, so only the columns it names fill the payload; "
+                f"map it there ({close[0] if close else 'FIELD'}: {col})")
+    elif close:
+        hint = f"did you mean the field {close[0]!r}? Rename the column, or map it: payload.from_row"
+    else:
+        hint = f"{desc.full_name}'s fields: {', '.join(fields)}; map it with payload.from_row"
+    return (f"{doc.where(('dataset', 'path'))}: column {col!r} ({where}) fills no field of {desc.full_name}: "
+            f"{hint}, or list it in dataset.ignore_columns to leave it out")
+
+
+def _sample_columns(path: Path) -> tuple[dict[str, str], str]:
+    """The columns of the dataset (Parquet schema, or keys of the first JSONL rows), each with where
+    it was first seen, and what was read."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return set(pq.ParquetFile(path).schema_arrow.names), f"the columns of {path}"
-    columns: set[str] = set()
+        return {c: f"{path} schema" for c in pq.ParquetFile(path).schema_arrow.names}, f"the columns of {path}"
+    columns: dict[str, str] = {}
     first = last = 0
     for n, (lineno, line) in enumerate(jsonl_lines(path)):
         if n == SAMPLE_ROWS:
@@ -53,7 +98,8 @@ def _sample_columns(path: Path) -> tuple[set[str], str]:
         first, last = first or lineno, lineno
         row = parse_jsonl_line(line)
         if isinstance(row, dict):
-            columns.update(row)
+            for c in row:
+                columns.setdefault(c, f"{path}:{lineno}")
     if not last:
         return columns, f"the rows of {path} (it has none)"
     return columns, f"the first {min(n + 1, SAMPLE_ROWS)} rows of {path} (lines {first}-{last})"

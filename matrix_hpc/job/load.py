@@ -7,6 +7,7 @@ reported with the job file, the line and the field (``JobFileError``).
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sys
 import tempfile
@@ -18,7 +19,9 @@ from google.protobuf import descriptor_pb2
 from pydantic import ValidationError
 
 from matrix_hpc.job.agents import resolve_agent, resolve_ref
+from matrix_hpc.job.dataset import count_rows
 from matrix_hpc.job.dataset_checks import check_columns, dataset_digest
+from matrix_hpc.job.selection import Selection, read_selection
 from matrix_hpc.job.spec import JobSpec
 from matrix_hpc.job.yamlpos import JobFileError, YamlWithLines
 from matrix_hpc.owner_only import private_folder
@@ -41,6 +44,14 @@ class Job:
     dataset_path: Path
     run_dir: Path
     fingerprint: dict[str, str] = field(default_factory=dict)
+    unfilled_fields: list[str] = field(default_factory=list)  # payload fields no dataset column fills
+    rows: Selection | None = None  # a rerun's (row index, trial) pairs (job/selection.py); None: all
+
+    def task_count(self) -> int:
+        """The tasks of this run: every row times ``trials``, or a rerun's selected rows."""
+        if self.rows is not None:
+            return len(self.rows)
+        return count_rows(self.dataset_path, self.spec.dataset.limit) * self.spec.dataset.trials
 
     @property
     def dir(self) -> Path:
@@ -74,14 +85,31 @@ def load_job(path: str | Path, *, run_dir: str | Path | None = None) -> Job:
     job_dir = path.parent
     dataset_path = _existing(doc, ("dataset", "path"), job_dir / spec.dataset.path, "dataset file")
     descriptor_set, generated = _compile_payload(doc, spec, job_dir)
-    _check_payload_mapping(doc, spec, descriptor_set)
-    check_columns(doc, spec, dataset_path)
+    desc = _check_payload_mapping(doc, spec, descriptor_set)
+    unfilled = check_columns(doc, spec, dataset_path, desc)
     _check_services(doc, spec)
-    out = Path(run_dir) if run_dir else job_dir / spec.run.output_dir.format(job=spec.name)
-    job = Job(spec, path, text, descriptor_set, generated, dataset_path, out.resolve())
+    out = Path(run_dir) if run_dir else _output_dir(doc, spec, job_dir)
+    job = Job(spec, path, text, descriptor_set, generated, dataset_path, out.resolve(), unfilled_fields=unfilled,
+              rows=read_selection(out.resolve()))
     _check_agents(doc, job)
     job.fingerprint = fingerprint(job, dataset_digest(doc, spec, dataset_path, job.run_dir))
     return job
+
+
+def _output_dir(doc: YamlWithLines, spec: JobSpec, job_dir: Path) -> Path:
+    """``run.output_dir`` resolved against the job folder; refused if it cannot be made there: a job
+    copied elsewhere keeps an ``../../runs`` that may now point at a folder of another user (``/home``)."""
+    out = (job_dir / spec.run.output_dir.format(job=spec.name)).resolve()
+    existing = out
+    while not os.path.exists(existing):  # False, not PermissionError, inside a folder we cannot enter
+        existing = existing.parent
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK) or existing == out:
+        return out
+    outside = "" if out.is_relative_to(job_dir) else f", outside the job folder {job_dir},"
+    raise JobFileError(
+        f"{doc.where(('run', 'output_dir'))}: {spec.run.output_dir!r} is {out}{outside} and cannot be made there "
+        f"({existing} is not a folder this user can write to); give an output_dir inside the job folder "
+        "(e.g. runs/{job}) or pass -o RUN_DIR")
 
 
 def _format_error(doc: YamlWithLines, err: dict[str, Any]) -> str:
@@ -118,7 +146,8 @@ def _compile_payload(doc: YamlWithLines, spec: JobSpec, job_dir: Path) -> tuple[
         return desc.read_bytes(), generated
 
 
-def _check_payload_mapping(doc: YamlWithLines, spec: JobSpec, descriptor_set: bytes) -> None:
+def _check_payload_mapping(doc: YamlWithLines, spec: JobSpec, descriptor_set: bytes):
+    """The payload's message descriptor; refuses a type the protos lack or a from_row field it lacks."""
     pool = pool_from_descriptor_set(descriptor_set)
     try:
         desc = pool.FindMessageTypeByName(spec.payload.type)
@@ -140,6 +169,7 @@ def _check_payload_mapping(doc: YamlWithLines, spec: JobSpec, descriptor_set: by
                 f"{doc.where(('payload', 'from_row', fname))}: {spec.payload.type} has no field {fname!r}; "
                 f"its fields: {', '.join(desc.fields_by_name)}"
             )
+    return desc
 
 
 def _check_services(doc: YamlWithLines, spec: JobSpec) -> None:

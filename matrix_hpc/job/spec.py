@@ -32,6 +32,10 @@ class DatasetSpec(_Strict):
     id_field: str | None = Field(None, description="column holding a stable row id; the row index if unset")
     limit: int | None = Field(None, ge=1, description="use only the first N rows")
     trials: int = Field(1, ge=1, description="tasks per row (samples)")
+    ignore_columns: list[str] = Field(
+        default_factory=list,
+        description="columns that fill no payload field, on purpose; any other column that fills none "
+        "(not a field's name, not in payload.from_row, not the id_field) is an error at load")
 
     @field_validator("path")
     @classmethod
@@ -45,7 +49,8 @@ class PayloadSpec(_Strict):
     proto: list[str] = Field(description=".proto file(s) next to the job, defining the payload")
     type: str = Field(description="full name of the payload message, e.g. 'dialogue.Dialogue'")
     from_row: dict[str, str] | None = Field(
-        None, description="payload field <- dataset column; by default columns fill fields of the same name"
+        None, description="payload field <- dataset column; if given, only these columns fill the payload "
+        "(others must be the id_field or in dataset.ignore_columns); by default columns fill fields of the same name"
     )
     builder: str | None = Field(None, description="'module:function' (row dict, payload class) -> payload")
 

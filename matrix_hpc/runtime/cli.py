@@ -10,11 +10,12 @@ from pathlib import Path
 from matrix_hpc.job.yamlpos import JobFileError
 from matrix_hpc.runtime.summary import Exit
 
-EXIT_CODES = (f"exit status: {Exit.OK} every task done (or failures within run.max_failed_fraction); "
+EXIT_CODES = (f"exit status (it follows the run directory's contents, whichever command ran and however often): "
+              f"{Exit.OK} every task done (or failures within run.max_failed_fraction); "
               f"{Exit.USAGE} a bad job file, a refused resume, a run directory another live run holds, or something "
               f"the run needs that is missing or out of reach (one line each, with its fix); {Exit.TASKS_FAILED} the "
               f"run ended with more failed tasks than run.max_failed_fraction allows (see `matrix-hpc export RUN_DIR "
-              f"--failed`); "
+              f"--failed`; `matrix-hpc rerun RUN_DIR -o NEW_RUN_DIR` runs them again); "
               f"{Exit.STOPPED} stopped by a fault such as a full disk (fix it, then `matrix-hpc resume RUN_DIR`); "
               f"{Exit.INTERRUPTED} interrupted by Ctrl-C, SIGTERM or SIGHUP after a checkpoint "
               f"(`matrix-hpc resume RUN_DIR`); {Exit.ERROR} an unexpected error.")
@@ -44,6 +45,19 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
+def recorded_job(run_dir: Path) -> Path:
+    """The job file a run directory was run with; FileNotFoundError in the words `status` uses."""
+    from matrix_hpc.rundir import RunDir
+
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    job_path = RunDir(run_dir).record().job_path
+    if job_path is None:
+        raise FileNotFoundError(f"{run_dir} is not a run directory made by `matrix-hpc run` "
+                                "(no recorded job file); pass --job")
+    return job_path
+
+
 def _run(args: argparse.Namespace) -> int:
     return execute(args.job, args.run_dir, args)
 
@@ -68,8 +82,11 @@ def execute(job_path: Path, run_dir: Path | None, args: argparse.Namespace, comm
         print(f"error: {e}", file=sys.stderr)
         return 2
     if nothing_to_do:
-        print(nothing_to_do)
-        return 0
+        print(nothing_to_do.message)
+        return nothing_to_do.exit_status
+    if job.unfilled_fields and not (job.run_dir / "store.zarr").exists():  # said once, for a new run
+        print(f"note: payload fields that no dataset column fills (left to the agents): "
+              f"{', '.join(job.unfilled_fields)}", file=sys.stderr)
     try:
         with RunDir(job.run_dir).hold(command):  # before Ray starts; run() holds it on (the same hold)
             summary = run(job, force=args.force, progress=not args.no_progress)
@@ -84,13 +101,15 @@ def execute(job_path: Path, run_dir: Path | None, args: argparse.Namespace, comm
     return summary.exit_status
 
 
+
+
 def _print_summary(s, *, as_json: bool) -> None:
     if as_json:
-        print(json.dumps({**s.counts(), "run_dir": str(s.run_dir), "throughput": s.throughput,
-                          "step_latency": s.step_latency}))
+        print(json.dumps({**s.counts(), "run_dir": str(s.run_dir), "step_latency": s.step_latency}))
         return
     print(f"run directory: {s.run_dir}")
-    print(f"this run: {s.done} done, {s.failed} failed in {s.wall_s:.1f}s ({s.throughput:.1f} tasks/s); "
+    print(f"this run: {s.done} done, {s.failed} failed in {s.wall_s:.1f}s; {s.throughput:.1f} rows/s over "
+          f"{s.processing_s:.1f}s of processing; "
           f"run directory: {s.done_total} done, {s.failed_total} failed of {s.total} tasks")
     if s.resumed or s.recovered:
         print(f"resumed from snapshot: {s.resumed}; recovered after an actor died: {s.recovered}")
@@ -109,12 +128,9 @@ def _print_summary(s, *, as_json: bool) -> None:
         for key, n in sorted(s.failures.items(), key=lambda kv: -kv[1]):
             print(f"  {n:>7}  {key}")
         print(f"sample error: {s.sample_error}")
-        print(f"failed rows: matrix-hpc export {s.run_dir} --failed")
-    if s.stopped_by:
-        print(f"stopped: {s.stopped_by}\ncommitted rows are kept and in-flight tasks were saved; fix the cause, "
-              f"then continue with: matrix-hpc resume {s.run_dir}")
-    elif s.interrupted:
-        print(f"interrupted: committed rows are kept and in-flight tasks were saved; "
-              f"continue with: matrix-hpc resume {s.run_dir}")
+        print(f"failed rows: matrix-hpc export {s.run_dir} --failed; run them again from their dataset rows: "
+              f"matrix-hpc rerun {s.run_dir} -o NEW_RUN_DIR")
+    if s.stopped_by:  # what was saved and how to go on: said once, by the driver, when it stopped
+        print(f"stopped: {s.stopped_by}")
     print(f"export: matrix-hpc export {s.run_dir} --format jsonl")
     print(f"exit status: {s.exit_status}")

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import ray
 
-from matrix_hpc.job.dataset import count_rows
 from matrix_hpc.job.load import Job, load_job
 from matrix_hpc.rundir import RunDir
 from matrix_hpc.runtime.agent_actor import AgentActor
@@ -46,6 +45,7 @@ from matrix_hpc.runtime.sink import SinkActor
 from matrix_hpc.runtime.source import SourceActor
 from matrix_hpc.runtime.summary import RunSummary, failure_breakdown
 from matrix_hpc.store import DONE, FAILED, RunStore
+from matrix_hpc.store.throughput import SENDING
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +153,9 @@ def open_store(job: Job, *, force: bool) -> tuple[RunStore, bool]:
     """Create the run store, or reopen it for a resume (refusing if the job changed)."""
     store = open_started(job)
     if store is None:  # no store yet (or one whose start failed before any task ran): a fresh run
-        total = count_rows(job.dataset_path, job.spec.dataset.limit) * job.spec.dataset.trials
         store = RunStore.create(job.run_dir, job_yaml=job.yaml_text, descriptor_set=job.descriptor_set,
-                                payload_type=job.payload_type, fingerprint=job.fingerprint, total_tasks=total)
+                                payload_type=job.payload_type, fingerprint=job.fingerprint,
+                                total_tasks=job.task_count())
         return store, False
     refuse_if_changed(store, job, force=force)
     return store, True
@@ -261,7 +261,7 @@ class _Run:
         if errors and not self.stopped_by:
             self.stopped_by = errors[0]
         summary = self._summary(outcome, t0, latency, counts, restore, finals)
-        self._event(outcome if not self.stopped_by else "stopped", **summary.counts())
+        self._event(outcome if not self.stopped_by else "stopped", run_id=self.id, **summary.counts())
         return summary
 
     def _summary(self, outcome: str, t0: float, latency, counts, restore, finals: list[dict]) -> RunSummary:
@@ -298,7 +298,8 @@ class _Run:
         """Run until every task is committed ("finished"), Ctrl-C/SIGTERM ("interrupted") or a fault
         that stops the run ("stopped"); the last two after a checkpoint."""
         progress = self.term.progress(self.store.total_tasks, already)
-        started = time.monotonic()
+        self.sending_since = time.monotonic()  # processing starts: the throughput's clock (store/throughput.py)
+        self._event(SENDING, run_id=self.id)
         get(self.source.start.remote())
         last_checkpoint = last_health = time.monotonic()
         try:
@@ -314,7 +315,7 @@ class _Run:
                 progress.update(done=sum(s["done"] for s in self.sink_stats.values()),
                                 failed=sum(s["failed"] for s in self.sink_stats.values()), in_flight=src["in_flight"])
                 if src["exhausted"] and src["in_flight"] == 0:
-                    self.processing_s = time.monotonic() - started
+                    self.processing_s = time.monotonic() - self.sending_since
                     progress.close()
                     return "finished"
                 fault = next((s["commit_error"] for s in sinks if s.get("commit_error")), None)
@@ -337,12 +338,13 @@ class _Run:
 
     def _stop(self, fault: str | None) -> str:
         """Stop early: save what is in flight, say why and how to go on."""
+        self.processing_s = time.monotonic() - self.sending_since
         if fault:
             self.stopped_by = fault
             print(f"\nstopping: {fault}", file=sys.stderr)
             self._event("commit_failed", error=fault)
         else:
-            print("\ninterrupted: saving in-flight tasks ...", file=sys.stderr)
+            print("\nstopping: saving the tasks in flight ...", file=sys.stderr)
         saved = self.recovery.checkpoint(final=True)
         kept = ("in-flight tasks saved" if saved >= 0
                 else "in-flight tasks NOT saved (they restart from the last checkpoint)")

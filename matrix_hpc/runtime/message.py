@@ -11,6 +11,7 @@ from google.protobuf import json_format
 
 from matrix_hpc._gen.v1 import task_pb2
 from matrix_hpc.job.dataset import RowError, row_failure
+from matrix_hpc.job.dataset_checks import column_fields, unused_columns
 from matrix_hpc.job.spec import DONE
 
 Task = task_pb2.Task
@@ -54,6 +55,7 @@ class TaskFactory:
         self.spec = spec
         self.payload_cls = payload_cls
         self.builder = builder
+        self.fills = column_fields(spec, payload_cls.DESCRIPTOR) or {}
 
     def row_id(self, index: int, row: dict[str, Any] | RowError) -> str:
         field = self.spec.dataset.id_field
@@ -87,9 +89,13 @@ class TaskFactory:
                 raise TypeError(f"payload builder returned {type(payload).__name__}, not {self.payload_cls.__name__}")
             return payload
         mapping = self.spec.payload.from_row
-        if mapping is None:
-            return json_format.ParseDict(row, self.payload_cls(), ignore_unknown_fields=True)
-        missing = [col for col in mapping.values() if col not in row]
-        if missing:
-            raise RowError(f"row has no column(s) {missing} named in payload.from_row")
-        return json_format.ParseDict({f: row[c] for f, c in mapping.items()}, self.payload_cls())
+        if mapping is not None:
+            missing = [col for col in mapping.values() if col not in row]
+            if missing:
+                raise RowError(f"row has no column(s) {missing} named in payload.from_row")
+        unused = unused_columns(self.spec, self.fills, row)
+        if unused:  # the loader checked the first rows' columns; this is a later row
+            raise RowError(f"column(s) {unused} fill no payload field; map them with payload.from_row "
+                           "or list them in dataset.ignore_columns")
+        return json_format.ParseDict({self.fills[c]: v for c, v in row.items() if c in self.fills},
+                                     self.payload_cls())

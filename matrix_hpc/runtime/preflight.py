@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from matrix_hpc.job.dataset_checks import save_digest
 from matrix_hpc.job.load import Job
 from matrix_hpc.paths import describe_owner
 from matrix_hpc.runtime.security import prepare_run_dir
+from matrix_hpc.runtime.summary import Exit
 from matrix_hpc.services import service_package, spec_class
 from matrix_hpc.store import RunStore, StoreError
 from matrix_hpc.store.layout import STORE_NAME
@@ -43,6 +45,14 @@ def refuse_if_changed(store: RunStore, job: Job, *, force: bool) -> None:
             f"{job.run_dir} was made by a different job: changed since: {', '.join(changed)}. "
             "Use another output directory, or --force to resume anyway."
         )
+
+
+@dataclass
+class Complete:
+    """Nothing to run: what to say, and the exit status the run directory's contents deserve."""
+
+    message: str
+    exit_status: int
 
 
 def open_started(job: Job) -> RunStore | None:
@@ -103,7 +113,7 @@ def _run_dir_problem(run_dir: Path) -> str | None:
     return f"{what}: choose a folder of your own with -o DIR (or run.output_dir in the job file)"
 
 
-def preflight(job: Job, *, force: bool) -> str | None:
+def preflight(job: Job, *, force: bool) -> Complete | None:
     """Check ``job.run_dir`` before a run; return why there is nothing to run, or None to go on.
 
     Raises PreflightError if something the run needs is missing or out of reach, ResumeRefused if the run
@@ -120,6 +130,13 @@ def preflight(job: Job, *, force: bool) -> str | None:
     status = store.status()
     if status["pending"] > 0:
         return None
-    return (f"{job.run_dir}: this run is already complete: {status['done']} done, {status['failed']} failed "
-            f"of {status['total']} tasks; nothing to run.\n"
-            f"export: matrix-hpc export {job.run_dir} --format jsonl")
+    exit_status = Exit.of_contents(status["failed"], status["total"], job.spec.run.max_failed_fraction)
+    failed = ""
+    if exit_status != Exit.OK:
+        failed = (f"more failed tasks than run.max_failed_fraction ({job.spec.run.max_failed_fraction:g}) allows; "
+                  f"failed rows: matrix-hpc export {job.run_dir} --failed; run them again from their dataset "
+                  f"rows: matrix-hpc rerun {job.run_dir} -o NEW_RUN_DIR\n")
+    return Complete(f"{job.run_dir}: this run is already complete: {status['done']} done, {status['failed']} "
+                    f"failed of {status['total']} tasks; nothing to run.\n{failed}"
+                    f"export: matrix-hpc export {job.run_dir} --format jsonl\nexit status: {exit_status}",
+                    exit_status)

@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from matrix_hpc.rundir import RUN_LOG
-from matrix_hpc.runtime.ray_output import RayOutputToFile
+from matrix_hpc.runtime.ray_output import NativeStderrToFile, RayOutputToFile, is_engine_line
 
 _WARNINGS_SHOWN = 3
 _PLAIN_EVERY_S = 10  # a progress line this often when the terminal is not a terminal (a log file)
@@ -71,6 +71,13 @@ class Warnings:
         self.kinds: Counter[str] = Counter()
         self.example: dict[str, str] = {}
         self.lock = threading.Lock()
+        self.work_over = False  # set once every task is committed or saved (Progress.close)
+
+    def add_from_worker(self, line: str) -> None:
+        """A warning line of a Ray worker's output. An engine's lines after the run's work is over are
+        its teardown (vLLM's "EngineDeadError" as it is shut down): kept in the log only."""
+        if not (self.work_over and is_engine_line(line)):
+            self.add(line)
 
     def add(self, message: str) -> None:
         first = message.strip().splitlines()[0][:160] if message.strip() else ""
@@ -143,8 +150,12 @@ class Terminal:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_file = log_dir / RUN_LOG
         stream = self.log_file.open("a", buffering=1)
-        ray_out = RayOutputToFile(stream, self.warnings.add)
+        ray_out = RayOutputToFile(stream, self.warnings.add_from_worker)
         ray_out.install()
+        native = NativeStderrToFile(stream)
+        terminal, console_file = native.install(), self.console.file
+        if terminal is not None and console_file is native.previous_stderr:
+            self.console.file = terminal
         to_file = logging.StreamHandler(stream)
         to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         counting = _CountingHandler(self.warnings)
@@ -157,6 +168,8 @@ class Terminal:
             logger.setLevel(logging.INFO)
 
         def undo() -> None:
+            self.console.file = console_file
+            native.uninstall()
             ray_out.uninstall()
             logger.removeHandler(to_file)
             logger.removeHandler(counting)
@@ -186,7 +199,8 @@ class Terminal:
 
 
 class Progress:
-    """done / failed / in flight, tasks per second and ETA: a live bar on a terminal (warnings
+    """done / failed / in flight, rows committed per second since the first row was sent (the run's
+    one throughput, store/throughput.py) and ETA: a live bar on a terminal (warnings
     summarized below it), a line every 10 s otherwise, so logs stay readable."""
 
     def __init__(self, total: int, already: int, *, enabled: bool = True, stream: TextIO | None = None,
@@ -214,7 +228,7 @@ class Progress:
         eta = _duration(left / rate) if rate > 0 else "?"
         self.done = self.already + finished
         self.line = (f"done {self.already + done}/{self.total}  failed {failed}  in flight {in_flight}  "
-                     f"{rate:.1f} tasks/s  ETA {eta}")
+                     f"{rate:.1f} rows/s  ETA {eta}")
         if self.live is not None:
             self.live.update(self._render())
         elif now - self.last_print >= _PLAIN_EVERY_S:
@@ -228,6 +242,7 @@ class Progress:
         return Group(row, *(Text(line, style="yellow") for line in self.warnings.lines(self.log_file)))
 
     def close(self) -> None:
+        self.warnings.work_over = True  # what engines say from here on is their teardown
         if self.live is not None:
             self.live.update(Text(self.line))  # the final numbers stay; the warnings follow once
             self.live.stop()

@@ -43,10 +43,12 @@ class SourceActor(ActorBase):
             data = self.restore.popleft()
             task = Task.FromString(data)
             yield task.task_id, task.next_role, data
-        trials = self.job.spec.dataset.trials
+        trials, rows = self.job.spec.dataset.trials, self.job.rows
         for index, row, where in iter_rows(self.job.dataset_path, self.job.spec.dataset.limit):
             rid = self.factory.row_id(index, row)
             for trial in range(trials):
+                if rows is not None and (index, trial) not in rows:
+                    continue  # a rerun: not one of its rows
                 if task_id(rid, trial) in self.skip:
                     self.skipped += 1
                     continue

@@ -22,6 +22,12 @@ class Exit:
     STOPPED = 4  # stopped by a fault (a full disk, ...): fix it, then `matrix-hpc resume RUN_DIR`
     INTERRUPTED = 130  # Ctrl-C or SIGTERM/SIGHUP: checkpointed; `matrix-hpc resume RUN_DIR`
 
+    @staticmethod
+    def of_contents(failed_total: int, total: int, max_failed_fraction: float) -> int:
+        """The status a run directory's contents deserve, whichever command ran it: a run with more
+        failed tasks than allowed says so every time (a script's ``resume || alert`` sees it)."""
+        return Exit.TASKS_FAILED if failed_total > max_failed_fraction * total else Exit.OK
+
 
 @dataclass
 class RunSummary:
@@ -58,11 +64,14 @@ class RunSummary:
         """What the run did, as plain numbers (the summary's event in events.jsonl)."""
         out = {k: v for k, v in asdict(self).items() if k not in ("run_dir", "step_latency", "actor_steps")}
         out["exit_status"] = self.exit_status
+        out["throughput_rows_per_s"] = round(self.throughput, 2)
         return out
 
     @property
     def throughput(self) -> float:
-        return (self.done + self.failed) / self.wall_s if self.wall_s else 0.0
+        """Rows this run committed per second of processing (from its first row sent to its last
+        commit; store/throughput.py): the figure of the progress line, ``status`` and events."""
+        return (self.done + self.failed) / self.processing_s if self.processing_s > 0 else 0.0
 
     @property
     def exit_status(self) -> int:
@@ -70,9 +79,7 @@ class RunSummary:
             return Exit.INTERRUPTED
         if self.stopped_by:
             return Exit.STOPPED
-        if self.failed_total > self.max_failed_fraction * self.total:
-            return Exit.TASKS_FAILED
-        return Exit.OK
+        return Exit.of_contents(self.failed_total, self.total, self.max_failed_fraction)
 
 
 def failure_breakdown(failed: Iterable[bytes]) -> tuple[dict[str, int], str | None]:

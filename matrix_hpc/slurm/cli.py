@@ -195,10 +195,16 @@ def _sbatch_script(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exists(run_dir: Path) -> None:
+    if not run_dir.is_dir():  # in the words of every other command
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+
+
 def _cancel(args: argparse.Namespace) -> int:
     from matrix_hpc.slurm.status import cancel
 
     try:
+        _exists(args.run_dir)
         print(cancel(args.run_dir, timeout=args.timeout))
     except FileNotFoundError as e:
         print(f"matrix-hpc cancel: error: {e}", file=sys.stderr)
@@ -210,6 +216,7 @@ def _logs(args: argparse.Namespace) -> int:
     from matrix_hpc.slurm.status import node_logs
 
     try:
+        _exists(args.run_dir)
         paths = node_logs(args.run_dir, args.node)
     except FileNotFoundError as e:
         print(f"matrix-hpc logs: error: {e}", file=sys.stderr)
@@ -262,13 +269,14 @@ def _resume(args: argparse.Namespace) -> int:
     here otherwise. Either way the same checks come first (job changed without --force, already
     complete, held by another live run)."""
     from matrix_hpc.rundir import RunDir
-    from matrix_hpc.runtime.cli import execute
+    from matrix_hpc.runtime.cli import execute, recorded_job
 
-    record = RunDir(args.run_dir).record()
-    job_path = args.job or record.job_path
-    if job_path is None:
-        print(f"error: {args.run_dir} has no recorded job file; pass --job", file=sys.stderr)
+    try:
+        job_path = args.job or recorded_job(args.run_dir)  # the words `status` uses for a missing directory
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
+    record = RunDir(args.run_dir).record()
     if record.slurm is None:
         return execute(job_path, args.run_dir, args, command="resume")
     from matrix_hpc.job.load import load_job

@@ -67,8 +67,8 @@ def status_lines(st: dict) -> list[str]:
                     f"{st['writers']} writer(s)"),
         ("steps", ", ".join(f"{role} {n:,}" for role, n in st["steps_by_role"].items()) or "-"),
         ("retries", _fmt(st["retries"])),
-        ("throughput", f"{_fmt(st['throughput_rows_per_s'], ' rows/s')} overall, "
-                       f"{_fmt(st['recent_rows_per_s'], ' rows/s')} over the last minute"),
+        ("throughput", f"{_fmt(st['throughput_rows_per_s'], ' rows/s')} over {_fmt(st['processing_s'], 's')} of "
+                       f"processing, {_fmt(st['recent_rows_per_s'], ' rows/s')} over the last minute of commits"),
     ]
     if st["duplicates"]:
         rows.append(("warning", f"{st['duplicates']} row(s) committed twice (the first is kept)"))

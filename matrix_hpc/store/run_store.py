@@ -50,6 +50,7 @@ from matrix_hpc.store.layout import (
 from matrix_hpc.store.segments import SegmentIndex
 from matrix_hpc.store.snapshots import Snapshots
 from matrix_hpc.store.tally import Tally, tally
+from matrix_hpc.store.throughput import processing_seconds, rate
 from matrix_hpc.store.writer import ResultWriter
 
 __all__ = ["DONE", "FAILED", "ResultWriter", "RunStore", "StoreError"]
@@ -228,7 +229,6 @@ class RunStore:
         snap = self.snapshots.latest_attrs()
         in_flight = snap[1]["n_tasks"] if snap else None
         times = [s.time_ns for s in segs]
-        rows = sum(s.n for s in segs)
         out = {
             "run_dir": str(self.run_dir),
             "payload_type": self.payload_type,
@@ -249,18 +249,21 @@ class RunStore:
             "torn_segments": self._segments.torn(),
             "first_commit_time": now_iso(min(times) / 1e9) if times else None,
             "last_commit_time": now_iso(max(times) / 1e9) if times else None,
-            "throughput_rows_per_s": None,
+            "processing_s": None,
+            "throughput_rows_per_s": None,  # rows committed per second of processing (store/throughput.py)
             "recent_rows_per_s": None,
         }
         if segs:
-            # committed rows over the time from the first append to the last commit
-            start = min(s.oldest_ns for s in segs)
             end = max(times)
-            if end > start:
-                out["throughput_rows_per_s"] = round(rows / ((end - start) / 1e9), 2)
-                window = min(60e9, end - start)
+            processing = processing_seconds(self.events(), segs)
+            if processing is None:  # no session recorded (a store written without a driver)
+                processing = (end - min(s.oldest_ns for s in segs)) / 1e9
+            out["processing_s"] = round(processing, 3)
+            out["throughput_rows_per_s"] = rate(done + failed, processing)
+            window = min(60e9, end - min(s.oldest_ns for s in segs))
+            if window > 0:
                 recent = sum(s.n for s in segs if s.time_ns >= end - window)
-                out["recent_rows_per_s"] = round(recent / (window / 1e9), 2)
+                out["recent_rows_per_s"] = rate(recent, window / 1e9)
         return out
 
     def log_event(self, kind: str, **fields) -> None:
