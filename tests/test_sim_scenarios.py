@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,17 @@ def test_scenario_job_runs_on_the_simulated_engine(name, tmp_path, ray_session):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["row_index"] for r in rows) == list(range(ROWS))
     assert "sim0 sim1" in json.dumps(rows), "the simulator's words (never a model's) are in the payloads"
+
+
+def test_the_summary_of_a_simulated_run_says_so(tmp_path):
+    job_dir = tmp_path / "collab_reasoning"
+    shutil.copytree(JOBS / "collab_reasoning", job_dir)
+    spec = yaml.safe_load((job_dir / "job.yaml").read_text().replace(SHIPPED, SHIPPED.replace("vllm", "sim")))
+    spec["dataset"]["limit"] = 2
+    spec["run"]["output_dir"] = "out"
+    (job_dir / "job.yaml").write_text(yaml.safe_dump(spec))
+    out = subprocess.run([sys.executable, "-m", "matrix_hpc.cli", "run", str(job_dir / "job.yaml"), "--no-progress"],
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[0] == ("SIMULATED: LLM service(s) smol ran the sim backend (an engine's timing, "
+                                          "not a model's words)")

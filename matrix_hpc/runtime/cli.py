@@ -97,16 +97,25 @@ def execute(job_path: Path, run_dir: Path | None, args: argparse.Namespace, comm
         print(f"stopped: {e}\ncommitted rows are kept; tasks in flight restart from the last checkpoint: "
               f"matrix-hpc resume {job.run_dir}", file=sys.stderr)
         return Exit.STOPPED
-    _print_summary(summary, as_json=args.json)
+    _print_summary(summary, as_json=args.json, simulated=simulated_llms(job))
     return summary.exit_status
 
 
+def simulated_llms(job) -> list[str]:
+    """The job's LLM services that are the ``sim`` backend: a simulated engine, not a model."""
+    return sorted(name for name, spec in (job.spec.services.get("llm") or {}).items() if spec.get("backend") == "sim")
 
 
-def _print_summary(s, *, as_json: bool) -> None:
+
+
+def _print_summary(s, *, as_json: bool, simulated: list[str]) -> None:
     if as_json:
-        print(json.dumps({**s.counts(), "run_dir": str(s.run_dir), "step_latency": s.step_latency}))
+        print(json.dumps({**s.counts(), "run_dir": str(s.run_dir), "step_latency": s.step_latency,
+                          "simulated_llms": simulated}))
         return
+    if simulated:
+        print(f"SIMULATED: LLM service(s) {', '.join(simulated)} ran the sim backend (an engine's timing, "
+              "not a model's words)")
     print(f"run directory: {s.run_dir}")
     print(f"this run: {s.done} done, {s.failed} failed in {s.wall_s:.1f}s; {s.throughput:.1f} rows/s over "
           f"{s.processing_s:.1f}s of processing; "
