@@ -72,7 +72,10 @@ def _pid_start(pid: int) -> str | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rpartition(")")[2].split()[19]  # field 22: start time in clock ticks after boot
+    fields = stat.rpartition(")")[2].split()
+    if fields[0] in ("Z", "X"):  # exited (a zombie waiting for its parent): not a holder any more
+        return None
+    return fields[19]  # field 22: start time in clock ticks after boot
 
 
 def _me(command: str, slurm_job: str | None) -> Holder:
