@@ -23,6 +23,9 @@ import yaml
 from conftest import deadline
 from test_slurm import slurm_conf, slurm_run  # noqa: F401 - fixtures
 
+from matrix_hpc import fate
+from matrix_hpc.runtime.security import RAY_METRICS_OFF, RUN_TMP_VAR
+
 CLI = [sys.executable, "-m", "matrix_hpc.cli"]
 LOOPBACK = {"127.0.0.1", "[::ffff:127.0.0.1]"}
 WILDCARD = {"*", "0.0.0.0", "[::]"}
@@ -150,7 +153,10 @@ def test_a_local_run_has_no_metrics_exporter_and_only_loopback_listeners(tmp_pat
 def test_rays_own_exporters_would_answer_anyone(tmp_path):
     """Control for the probe above: a Ray started without ``RAY_METRICS_OFF`` serves its metrics to
     anyone who asks (here on loopback, the local-only mode)."""
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")},
+    # Not this session's run environment: the suite's shared Ray (a LocalRay) set the metrics-off and
+    # run-mark variables in this process for as long as it lives.
+    ours = {*RAY_METRICS_OFF, fate.OWNER_VAR, RUN_TMP_VAR}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k not in ours},
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
     ray_tmp = Path(tempfile.mkdtemp(prefix="mhpc-ray-"))
     head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--port=0", "--block",
