@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
 import textwrap
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,3 +82,23 @@ def deadline(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def session_pids(sid: int) -> set[int]:
+    """Every process of session ``sid`` (a process started with start_new_session=True has sid == pid)."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout
+    return {int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == sid}
+
+
+def listening(pids: set[int], *, udp: bool = False) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every TCP (and with ``udp`` UDP) socket these processes
+    listen on (`ss`)."""
+    out = subprocess.run(["ss", "-lntupH" if udp else "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    local = 4 if udp else 3  # the netid column comes first with -u
+    found = []
+    for line in out.splitlines():
+        owners = {int(p): n for n, p in re.findall(r'\("([^"]+)",pid=(\d+)', line)}
+        if owners.keys() & pids:
+            addr, port = line.split()[local].rsplit(":", 1)
+            found.append((addr, int(port), next(n for p, n in owners.items() if p in pids)))
+    return found

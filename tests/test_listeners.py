@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from conftest import deadline
+from conftest import deadline, listening, session_pids
 from test_slurm import slurm_conf, slurm_run  # noqa: F401 - fixtures
 
 from matrix_hpc import fate
@@ -73,23 +73,11 @@ def _write_job(d: Path) -> Path:
     return d / "job.yaml"
 
 
-def listeners(pids: set[int]) -> list[tuple[str, int, str]]:
-    """(address, port, process name) of every TCP socket these processes listen on (`ss -ltnp`)."""
-    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
-    found = []
-    for line in out.splitlines():
-        owners = {int(p): n for n, p in re.findall(r'\("([^"]+)",pid=(\d+)', line)}
-        if owners.keys() & pids:
-            addr, port = line.split()[3].rsplit(":", 1)
-            found.append((addr, int(port), next(n for p, n in owners.items() if p in pids)))
-    return found
-
-
 def listeners_once_up(pids, timeout_s: float = 60) -> list[tuple[str, int, str]]:
-    """``listeners(pids())`` once every part of Ray listens (its agents start their servers last)."""
+    """``listening(pids())`` once every part of Ray listens (its agents start their servers last)."""
     end = time.monotonic() + timeout_s
     while True:
-        sockets = listeners(pids())
+        sockets = listening(pids())
         if RAY_PARTS <= {n for _, _, n in sockets} or time.monotonic() > end:
             return sockets
         time.sleep(0.2)
@@ -120,11 +108,6 @@ def grpc_answer(target: str, token: str = "") -> str:
     return "UNAUTHENTICATED" if "UNAUTHENTICATED" in got else "/".join(sorted(got))
 
 
-def _session_pids(sid: int) -> set[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout
-    return {int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == sid}
-
-
 def test_a_local_run_has_no_metrics_exporter_and_only_loopback_listeners(tmp_path):
     job = _write_job(tmp_path / "job")
     proc = subprocess.Popen([*CLI, "run", str(job), "--no-progress", "--json"], start_new_session=True,
@@ -134,7 +117,7 @@ def test_a_local_run_has_no_metrics_exporter_and_only_loopback_listeners(tmp_pat
             while not (job.parent / "waiting").exists():
                 assert proc.poll() is None, proc.communicate()
                 time.sleep(0.1)
-            sockets = listeners_once_up(lambda: _session_pids(proc.pid))
+            sockets = listeners_once_up(lambda: session_pids(proc.pid))
             names = {n for _, _, n in sockets}
             assert RAY_PARTS <= names, sockets
             assert {a for a, _, _ in sockets} <= LOOPBACK, sockets
@@ -169,11 +152,11 @@ def test_rays_own_exporters_would_answer_anyone(tmp_path):
             answered: list = []
             while not answered:
                 assert head.poll() is None
-                answered = [(p, n) for _, p, n in listeners(_session_pids(head.pid))
+                answered = [(p, n) for _, p, n in listening(session_pids(head.pid))
                             if http_answer("127.0.0.1", p) == 200]
                 time.sleep(1)
     finally:
-        for pid in _session_pids(head.pid):  # never `ray stop`: it stops every Ray of the machine
+        for pid in session_pids(head.pid):  # never `ray stop`: it stops every Ray of the machine
             os.kill(pid, 9)
         head.wait()
         shutil.rmtree(ray_tmp, ignore_errors=True)

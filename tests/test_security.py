@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from conftest import deadline
+from conftest import deadline, listening, session_pids
 
 from matrix_hpc.job.load import materialize_generated
 from matrix_hpc.services.auth import CredentialError
@@ -117,23 +117,6 @@ def _write_job(d: Path, marker: Path) -> Path:
     return d / "job.yaml"
 
 
-def _session_pids(sid: int) -> set[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout
-    return {int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == sid}
-
-
-def _listening(pids: set[int]) -> list[tuple[str, int, str]]:
-    """(address, port, process name) of every TCP/UDP socket these processes listen on."""
-    out = subprocess.run(["ss", "-lntupH"], capture_output=True, text=True, check=True).stdout
-    found = []
-    for line in out.splitlines():
-        owners = {int(p): n for n, p in re.findall(r'\("([^"]+)",pid=(\d+)', line)}
-        if owners.keys() & pids:
-            addr, port = line.split()[4].rsplit(":", 1)
-            found.append((addr, int(port), next(n for p, n in owners.items() if p in pids)))
-    return found
-
-
 def _cmdlines(pids: set[int]) -> dict[int, str]:
     lines = {}
     for p in pids:
@@ -166,8 +149,8 @@ def test_a_local_run_lets_no_one_else_in(tmp_path, unprivileged_user):
             while not (job.parent / "waiting").exists():
                 assert proc.poll() is None, proc.communicate()
                 time.sleep(0.1)
-            pids = _session_pids(proc.pid)
-            sockets = _listening(pids)
+            pids = session_pids(proc.pid)
+            sockets = listening(pids, udp=True)
             cmdlines = _cmdlines(pids)
             temp_dirs = {m for c in cmdlines.values() for m in re.findall(r"(/\S*/mhpc-ray-[^/\s]+)/", c)}
             secret = (run_dir / "credentials/service.secret").read_text().strip()
@@ -417,6 +400,6 @@ def test_a_cluster_run_authenticates_with_the_run_token(tmp_path, unprivileged_u
     finally:
         if head.poll() is None:
             head.kill()
-        for pid in _session_pids(head.pid):  # the head's processes (never `ray stop`: it stops every Ray)
+        for pid in session_pids(head.pid):  # the head's processes (never `ray stop`: it stops every Ray)
             os.kill(pid, 9)
         shutil.rmtree(ray_tmp, ignore_errors=True)
