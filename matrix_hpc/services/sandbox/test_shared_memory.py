@@ -155,10 +155,11 @@ def test_the_session_quota_holds_during_an_exec(aloop, uclient):  # noqa: F811
 
 
 def test_a_folder_closed_to_its_owner_still_counts(aloop, uclient):  # noqa: F811
-    """200 MiB hidden in a folder the sandbox made unreadable (chmod 000), then up to 100 MiB more:
-    the session goes over its 256 MiB quota, and that is seen during the exec."""
+    """200 MiB hidden in a folder the sandbox made unreadable (chmod 000), then up to 100 MiB more,
+    5 MiB every 0.1 s (so the exec lasts 2 s, many polls): the session goes over its 256 MiB quota,
+    and that is seen during the exec."""
     hide = "mkdir d && for n in 1 2 3 4; do head -c 52428800 /dev/zero > d/$n; done && chmod 000 d && echo hidden"
-    more = "head -c 52428800 /dev/zero > g && head -c 52428800 /dev/zero > h && echo more"
+    more = "for n in $(seq 20); do head -c 5242880 /dev/zero > g$n; sleep 0.1; done && echo more"
 
     async def go():
         s = await uclient.open_session(limits={"wall_time_s": 10})
@@ -168,7 +169,7 @@ def test_a_folder_closed_to_its_owner_still_counts(aloop, uclient):  # noqa: F81
 
     hidden, over = aloop.run(go())
     assert (hidden.exit_code, hidden.stdout, hidden.limits_hit) == (0, "hidden\n", []), hidden
-    # Only with the hidden 200 MiB counted is the session over quota (g and h alone are 100 MiB).
+    # Only with the hidden 200 MiB counted is the session over quota (the g files alone are 100 MiB).
     assert over.limits_hit == ["disk"] and "more" not in over.stdout, over
     used = int(re.search(r"the session's files take (\d+) bytes", over.error).group(1))
     assert used > 256 * MiB, over
