@@ -450,9 +450,10 @@ def test_a_worker_that_cannot_join_fails_the_run_with_its_log(slurm_run):
     err = (r.run_dir / "slurm" / f"{job_id}_0_log.err").read_text()
     assert "node 1 of the allocation could not join Ray" in err, err
     assert "--resources=not-json" in err  # the tail of the worker's own log
-    state = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-o", "State"], capture_output=True, text=True,
-                           timeout=30).stdout
-    assert "FAILED" in state, state
+    # squeue forgets the job before the accounting records its end: wait for sacct's final state.
+    r.wait(lambda: sacct_state(job_id).split("|")[0] not in ("", "RUNNING", "PENDING", "COMPLETING"), 60,
+           f"sacct to record job {job_id}'s end")
+    assert sacct_state(job_id).startswith("FAILED|"), sacct_state(job_id)
 
 
 def test_the_jobs_ray_uses_the_runs_token_whatever_the_shell_said(tmp_path):
