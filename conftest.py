@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -132,8 +133,24 @@ def litter_since(before: dict[str, tuple[int, float]], started: float) -> list[s
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
+    # A suite started in the background by a non-interactive shell (`make test &`) ignores SIGINT,
+    # and so would every process it starts: the tests that press Ctrl-C on a run need the default.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if os.environ.get("MATRIX_HPC_CHECK_LITTER") == "1":
         session.config.stash[_LITTER_KEY] = (_entries(), time.time() - 1)
+        session.config.stash[_LITTER_SEEN_KEY] = {}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """Notes, for each new entry, the test after which it was first seen, so the report names it."""
+    result = yield
+    if _LITTER_KEY in item.config.stash:
+        seen = item.config.stash[_LITTER_SEEN_KEY]
+        for path in litter_since(*item.config.stash[_LITTER_KEY]):
+            seen.setdefault(path, item.nodeid)
+    return result
 
 
 @pytest.hookimpl(trylast=True)  # after the session fixtures' teardown (the shared Ray's included)
@@ -147,9 +164,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         write = reporter.write_line if reporter else print
         write("")
         write(f"the suite left {len(left)} thing(s) in {' and '.join(LITTER_DIRS)}:")
+        seen = session.config.stash.get(_LITTER_SEEN_KEY, {})
         for path in left:
-            write(f"  {path}")
+            write(f"  {path}  (first seen after {seen.get(path, 'the last test')})")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 _LITTER_KEY = pytest.StashKey[tuple]()
+_LITTER_SEEN_KEY = pytest.StashKey[dict]()

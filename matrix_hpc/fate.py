@@ -126,18 +126,24 @@ def _marked(needle: bytes, uid: int) -> list[int]:
 
 
 def _shared_memory_of(pid: int) -> set[str]:
-    """The /dev/shm files a process has mapped or open (vLLM's shared-memory queues, for example)."""
-    names = set()
+    """The /dev/shm files a process has mapped or open (vLLM's shared-memory queues, multiprocessing's
+    semaphores). Found by inode: glibc maps a named semaphore under a temporary name it then renames."""
+    inodes = set()
     try:
         with open(f"/proc/{pid}/maps") as f:
-            names.update(line.split(None, 5)[5].strip() for line in f if "/dev/shm/" in line)
+            inodes.update(int(line.split(None, 5)[4]) for line in f if "/dev/shm/" in line)
         for fd in os.scandir(f"/proc/{pid}/fd"):
-            target = os.readlink(fd.path)
-            if target.startswith("/dev/shm/"):
-                names.add(target)
-    except (OSError, IndexError):
+            if os.readlink(fd.path).startswith("/dev/shm/"):
+                inodes.add(os.stat(fd.path).st_ino)
+    except (OSError, IndexError, ValueError):
         pass
-    return {n.removesuffix(" (deleted)") for n in names if not n.endswith(" (deleted)")}
+    if not inodes:
+        return set()
+    try:
+        with os.scandir("/dev/shm") as entries:
+            return {e.path for e in entries if e.inode() in inodes}
+    except OSError:
+        return set()
 
 
 def shared_memory_of_tree(pid: int) -> set[str]:

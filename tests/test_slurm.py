@@ -114,9 +114,17 @@ class SlurmRun:
         self.job_ids.append(job_id)
         return job_id
 
-    def state(self, job_id: str) -> str:
-        return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                              timeout=30).stdout.strip()
+    def state(self, job_id: str) -> str | None:
+        """The job's state in squeue, "" once it has left the queue, None if squeue did not answer
+        (slurmctld busy: that is not the job's end)."""
+        try:
+            out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                                 timeout=30)
+        except subprocess.TimeoutExpired:
+            return None
+        if out.returncode != 0:
+            return "" if "Invalid job id" in out.stderr else None
+        return out.stdout.strip()
 
     def calls(self) -> Counter:
         path = self.dir / "calls.log"

@@ -107,6 +107,15 @@ class RunDir:
         return self.logs / RUN_LOG
 
     @property
+    def node_view(self) -> Path:
+        """The per-node view the driver keeps (tasks in flight, steps, last error), for ``status``."""
+        return self.logs / "nodes.json"
+
+    def actors_log(self, node: int) -> Path:
+        """The output of the run's actors on node ``node`` of a Slurm allocation."""
+        return self.logs / f"node-{node}.log"
+
+    @property
     def dataset_digest(self) -> Path:
         return self.root / DIGEST_CACHE
 

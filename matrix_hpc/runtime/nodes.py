@@ -15,7 +15,8 @@ import socket
 import sys
 from pathlib import Path
 
-NODES_FILE = "nodes.json"
+from matrix_hpc.rundir import RunDir
+
 CLUSTER_ENV = "MATRIX_HPC_CLUSTER"  # set by matrix_hpc.slurm on every node of an allocation
 
 
@@ -27,17 +28,13 @@ def this_node() -> str:
     return socket.gethostname()
 
 
-def node_log(run_dir: Path, rank: int) -> Path:
-    return Path(run_dir) / "logs" / f"node-{rank}.log"
-
-
 def output_to_run_dir(run_dir: str | Path) -> None:
     """On a Slurm allocation, send this process's stdout and stderr to its node's log in the run
     directory (appending: every actor of the node shares it); elsewhere nothing changes."""
     rank = os.environ.get("SLURM_PROCID")
     if not os.environ.get(CLUSTER_ENV) or rank is None:
         return
-    path = node_log(Path(run_dir), int(rank))
+    path = RunDir(run_dir).actors_log(int(rank))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     for stream in (sys.stdout, sys.stderr):
@@ -66,7 +63,7 @@ def node_view(current: list[dict], every: list[dict]) -> dict[str, dict]:
 
 
 def write_node_view(run_dir: Path, view: dict[str, dict]) -> None:
-    path = Path(run_dir) / "logs" / NODES_FILE
+    path = RunDir(run_dir).node_view
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(view, indent=1))
     tmp.replace(path)
@@ -74,7 +71,7 @@ def write_node_view(run_dir: Path, view: dict[str, dict]) -> None:
 
 def read_node_view(run_dir: Path) -> dict[str, dict]:
     try:
-        return json.loads((Path(run_dir) / "logs" / NODES_FILE).read_text())
+        return json.loads(RunDir(run_dir).node_view.read_text())
     except (OSError, ValueError):
         return {}
 

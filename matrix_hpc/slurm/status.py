@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 from matrix_hpc.rundir import RunDir
-from matrix_hpc.runtime.nodes import node_log
 
 _POLL_S = 0.5
 _ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -61,7 +60,7 @@ def node_logs(run_dir: Path, node: int) -> list[Path]:
     job_id = job_id_of(run_dir)
     rundir = RunDir(run_dir)
     paths = [rundir.node_log(job_id, node, stream) for stream in ("out", "err")]
-    paths.append(node_log(run_dir, node))
+    paths.append(rundir.actors_log(node))
     if node == 0:
         paths.append(rundir.run_log)
     existing = [p for p in paths if p.exists()]

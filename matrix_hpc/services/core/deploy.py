@@ -102,11 +102,17 @@ class ServiceReplica:
         return self.server is not None and self.server.healthy
 
     async def stop(self) -> None:
+        """Stops the server; a start in progress (a restarted replica still loading) finishes first,
+        so that what it started (an engine's processes, their shared memory) is stopped too."""
         if self._watchdog is not None:
             self._watchdog.cancel()
-        if self.server is not None:
-            server, self.server = self.server, None
-            await server.stop()
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            self._failed = self._failed or RuntimeError(f"{self.name} replica: stopped")  # no start after it
+            if self.server is not None:
+                server, self.server = self.server, None
+                await server.stop()
 
     async def pid(self) -> int:
         return os.getpid()

@@ -17,12 +17,15 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import grpc
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from matrix_hpc import fate
 from matrix_hpc.services.llm import InvalidRequest, LLMSpec, ServiceError
 from matrix_hpc.services.llm.background import BackgroundServer
 from matrix_hpc.services.llm.embedded import is_built, model_dir
@@ -48,11 +51,13 @@ def _free_port() -> int:
 
 
 class Upstream:
-    """vLLM's OpenAI-compatible HTTP server on 127.0.0.1, in its own process group."""
+    """vLLM's OpenAI-compatible HTTP server on 127.0.0.1, in its own process group, its IPC sockets in
+    ``temp`` (not /tmp)."""
 
-    def __init__(self) -> None:
+    def __init__(self, temp: Path) -> None:
         self.port = _free_port()
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind", TMPDIR=str(temp),
+                   VLLM_RPC_BASE_PATH=str(temp))
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -96,19 +101,34 @@ class Upstream:
         assert self.proc.poll() is None, "vLLM HTTP server died:\n" + "".join(self.log[-30:])
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def kill(self) -> None:
-        try:
+    def stop(self) -> None:
+        """SIGTERM to the server (vLLM then stops its engine, and multiprocessing's resource tracker
+        removes their semaphores), up to 60 s for its group to end, then SIGKILL to what is left."""
+        shared_memory = fate.shared_memory_of_tree(self.proc.pid)
+        self.proc.terminate()
+        end = time.monotonic() + 60
+        while _group_alive(self.proc.pid) and time.monotonic() < end:
+            self.proc.poll()  # reaps the leader, which would otherwise keep the group alive
+            time.sleep(0.2)
+        if _group_alive(self.proc.pid):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(30)
+        fate.unlink_shared_memory(shared_memory)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 @pytest.fixture(scope="module")
-def upstream():
-    up = Upstream()  # starts now, loads while the in-process engine below loads
+def upstream(tmp_path_factory):
+    up = Upstream(tmp_path_factory.mktemp("upstream-tmp"))  # starts now, loads while the in-process engine loads
     yield up
-    up.kill()
+    up.stop()
 
 
 @pytest.fixture(scope="module")

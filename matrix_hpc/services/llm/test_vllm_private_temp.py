@@ -5,7 +5,9 @@ removed when the engine stops; what a killed engine left is removed by the next 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -55,3 +57,31 @@ def test_a_killed_engines_leftovers_go_at_the_next_start_and_no_others(tmp_path,
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
     finally:
         shm.unlink(missing_ok=True)
+
+
+KILLED_ENGINE = """
+import multiprocessing, os, sys
+from matrix_hpc.services.llm.backends.vllm_temp import PrivateTemp
+private = PrivateTemp()
+lock = multiprocessing.get_context("spawn").Lock()  # a named semaphore, as vLLM's start makes
+print(private.path, "/dev/shm/sem." + lock._semlock.name.lstrip("/"), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_semaphore_an_engine_registered_goes_at_the_next_start_after_a_kill_of_its_process_group(
+        tmp_path, monkeypatch):
+    """SIGKILL to the group takes multiprocessing's resource tracker too, which would have removed it."""
+    monkeypatch.setenv("MATRIX_HPC_RUN_TMP", str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_ENGINE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        folder, semaphore = proc.stdout.readline().split()
+        assert Path(folder).parent == tmp_path and Path(semaphore).exists()
+        assert semaphore in (Path(folder) / "shared-memory").read_text().split()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    assert Path(semaphore).exists()  # nobody removed it
+    PrivateTemp().remove()
+    assert not Path(semaphore).exists() and not Path(folder).exists()

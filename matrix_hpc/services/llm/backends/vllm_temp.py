@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from multiprocessing import resource_tracker
 
 from matrix_hpc import fate
 
@@ -16,7 +17,9 @@ class PrivateTemp:
     one, removed with the shared memory the engine's processes had mapped when it stops.
 
     The folder's name holds its maker (``mhpc-vllm-PID-START-``) and the file ``shared-memory`` in it
-    the /dev/shm names: a later start removes what a killed replica of this user left."""
+    the /dev/shm names (those the engine's processes map, and the named semaphores and shared memory
+    this process registers with multiprocessing's resource tracker, which a SIGKILL leaves behind):
+    a later start removes what a killed replica of this user left."""
 
     VARS = ("TMPDIR", "VLLM_RPC_BASE_PATH")
     PREFIX = "mhpc-vllm-"
@@ -32,9 +35,20 @@ class PrivateTemp:
         os.environ.update(dict.fromkeys(self.VARS, self.path))
         tempfile.tempdir = self.path
         self.shared_memory: set[str] = set()
+        self._register = resource_tracker.register
+        resource_tracker.register = self._registered
+
+    def _registered(self, name: str, rtype: str) -> None:
+        self._register(name, rtype)
+        if rtype in ("semaphore", "shared_memory"):  # /mp-x is /dev/shm/sem.mp-x; /psm_x is /dev/shm/psm_x
+            self.shared_memory.add("/dev/shm/" + ("sem." if rtype == "semaphore" else "") + name.lstrip("/"))
+            self._write_list()
 
     def note_shared_memory(self) -> None:
-        self.shared_memory = fate.shared_memory_of_tree(os.getpid())
+        self.shared_memory |= fate.shared_memory_of_tree(os.getpid())
+        self._write_list()
+
+    def _write_list(self) -> None:
         with open(os.path.join(self.path, self.SHM_LIST), "w") as f:
             f.write("".join(f"{name}\n" for name in sorted(self.shared_memory)))
 
@@ -45,6 +59,8 @@ class PrivateTemp:
             else:
                 os.environ[k] = v
         tempfile.tempdir = self.saved_tempdir
+        if resource_tracker.register == self._registered:
+            resource_tracker.register = self._register
         fate.unlink_shared_memory(self.shared_memory)
         shutil.rmtree(self.path, ignore_errors=True)
 
