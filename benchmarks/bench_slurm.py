@@ -11,6 +11,7 @@ Usage: .venv/bin/python benchmarks/bench_slurm.py [--preemptions 10]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -130,10 +131,14 @@ def _event_time(event: dict) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preemptions", type=int, default=10)
+    p.add_argument("--keep", type=Path, help="run in this (new) folder and keep it, logs included")
     args = p.parse_args()
     env = {**os.environ, "MATRIX_HPC_NODE_LOCAL_PATHS": ""}  # every local "node" is this machine
     rows = 60 * (args.preemptions + 2)
-    with tempfile.TemporaryDirectory(prefix="bench-slurm-") as tmp:
+    if args.keep:
+        args.keep.mkdir(parents=True)
+    folder = contextlib.nullcontext(str(args.keep)) if args.keep else tempfile.TemporaryDirectory(prefix="bench-slurm-")
+    with folder as tmp:
         job = make_job(Path(tmp), rows)
         run_dir = job.parent / "out"
         t0 = time.monotonic()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+import tempfile
 from pathlib import Path
 
 
@@ -72,14 +73,21 @@ def read_secret_file(path: str | Path) -> str:
 
 def secret_file(path: str | Path) -> str:
     """Read the secret in ``path``, creating it (mode 0600, a fresh random secret) if it does not exist
-    (its folder too, 0700, if missing)."""
+    (its folder too, 0700, if missing). Created whole or not at all: the secret is written to a
+    temporary file that link() puts in place, so the nodes of a job that start together never read
+    a half-written file, and the first to link wins (link is atomic on NFS too)."""
     path = Path(path)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        return read_secret_file(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        secret = new_secret()
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+        os.link(tmp, path)
     except FileExistsError:
         return read_secret_file(path)
-    secret = new_secret()
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
+    finally:
+        os.unlink(tmp)
     return secret

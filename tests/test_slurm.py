@@ -487,8 +487,6 @@ def sacct_state(job_id: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="issue 20, open: flaky since the merges (passed in one whole-suite run, failed in the "
-                  "next, on a quiet machine); kept out of the gate until it is fixed, not counted as passing")
 def test_a_run_started_by_plain_sbatch_is_seen_cancelled_resumed_and_cleaned_up_after_scancel(slurm_run):
     """The sbatch path is first-class: status (Slurm state, per node), logs --node N (the actors'
     output there), cancel, resume; a plain scancel stops it cleanly and leaves no scratch on the nodes."""

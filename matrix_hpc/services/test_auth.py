@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -103,6 +104,30 @@ def test_secret_files_are_owner_only(tmp_path, unprivileged_user):
     link.symlink_to(path)
     with pytest.raises(auth.CredentialError, match="cannot open"):
         auth.read_secret_file(link)
+
+
+RACE = """
+import sys, time
+from matrix_hpc.services import auth
+start = float(sys.argv[2])
+while time.time() < start:
+    pass
+print(auth.secret_file(sys.argv[1]))
+"""
+
+
+def test_nodes_that_make_the_secret_together_all_read_the_one_that_was_made(tmp_path):
+    """The nodes of a Slurm job start together and each reads or makes the run's Ray token: none may
+    read a file another has created but not yet written (it used to fail "the secret file is empty")."""
+    for attempt in range(5):
+        path = tmp_path / f"creds-{attempt}" / "ray.token"
+        start = time.time() + 1.5  # every process is up and spinning by then
+        procs = [subprocess.Popen([sys.executable, "-c", RACE, str(path), str(start)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(8)]
+        results = [p.communicate(timeout=60) for p in procs]
+        assert [p.returncode for p in procs] == [0] * 8, [err for _, err in results]
+        assert {out.strip() for out, _ in results} == {auth.read_secret_file(path)}
+        assert [p.name for p in path.parent.iterdir()] == ["ray.token"]  # no temporary file left
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess:

@@ -75,13 +75,18 @@ def run_node(job_path: Path, run_dir: Path) -> int:
     # Each node's Ray is stopped once the run's work is over (or the job is going down): no 30 s
     # drain on its SIGTERM, which on a worker waits for a head that is already gone.
     os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
-    _private_ray(run_dir)
     log.info("node %d/%d %s (%s): %d CPU(s), %d GPU(s); job %s, requeue %d", node.rank, node.num_nodes, node.name,
              node.ip, node.cpus, node.gpus, node.job_id, node.restart)
     if node.rank != 0:
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # the head handles it for the whole run
         signal.signal(signal.SIGTERM, _exit_on_sigterm)  # scancel: stop this node's Ray, clean its scratch
-        return bootstrap.run_worker(node, adir, list(options.ray_worker_args), options.nodes_timeout_s)
+        try:
+            _private_ray(run_dir)
+            return bootstrap.run_worker(node, adir, list(options.ray_worker_args), options.nodes_timeout_s)
+        except Exception as e:  # the head, waiting for this node to join, fails at once with the reason
+            (adir / f"node-{node.rank}.failed").write_text(f"{type(e).__name__}: {e}")
+            raise
+    _private_ray(run_dir)
     return _hold_and_run_head(node, adir, job_path, run_dir, options)
 
 
@@ -154,10 +159,12 @@ def _run_head(node: Node, adir: Path, job_path: Path, run_dir: Path, options: Op
         terminated = True
     finally:
         (adir / "done").write_text("")
+        t_stop = time.monotonic()
         if ray.is_initialized() and not terminated:  # a Ray that is going down can hang the call
             ray.shutdown()
         if ray_node is not None:
-            ray_node.stop(timeout=2.0 if terminated else 5.0)  # and its scratch folder is removed
+            ray_node.stop()  # and its scratch folder is removed
+        log.info("Ray stopped on this node in %.1f s", time.monotonic() - t_stop)
     if terminated:
         log.error("terminated: the checkpoint did not finish within %gs of SIGTERM (Slurm signals Ray's processes "
                   "too); in-flight tasks restart from the last checkpoint; continue with matrix-hpc resume %s",
