@@ -48,8 +48,9 @@ protos: venv
 
 # The Slurm tests need the local Slurm of slurm/: started here (as root) and stopped after the suite.
 # MATRIX_HPC_CHECK_LITTER=1: the suite fails if it left anything new in /tmp or /dev/shm (conftest.py).
+# --durations=15: the slowest tests, to keep the suite well under 30 minutes.
 test: setup lint
-	MATRIX_HPC_CHECK_LITTER=1 bash slurm/with-local-slurm.sh $(PY) -m pytest
+	MATRIX_HPC_CHECK_LITTER=1 bash slurm/with-local-slurm.sh $(PY) -m pytest --durations=15
 
 # Each prints its figures; benchmarks/README.md records them with the machine they ran on.
 bench: setup
