@@ -62,8 +62,8 @@ from matrix_hpc import DONE, load_job, run  # noqa: E402
 from matrix_hpc.job.dataset import iter_rows  # noqa: E402
 from matrix_hpc.runtime.agent_actor import payload_class  # noqa: E402
 from matrix_hpc.runtime.context import Context  # noqa: E402
-from matrix_hpc.runtime.message import TaskFactory  # noqa: E402
 from matrix_hpc.runtime.security import LocalRay  # noqa: E402
+from matrix_hpc.runtime.source import task_factory  # noqa: E402
 from matrix_hpc.services.llm import LLMSpec, deploy  # noqa: E402
 
 JOB_DIR = ROOT / "jobs" / "collab_reasoning"
@@ -123,7 +123,7 @@ def prepared_job(rows: int, concurrency: int, out: Path):
 
 def tasks_of(job) -> list:
     """The exact task envelopes (ids, seeds, payloads) the runtime's source would make."""
-    factory = TaskFactory(job.spec, payload_class(job), None)
+    factory = task_factory(job)
     rows = iter_rows(job.dataset_path, job.spec.dataset.limit)
     return [factory.new(index, row, 0, where) for index, row, where in rows]
 

@@ -36,13 +36,12 @@ from matrix_hpc.job.agents import resolve_agent
 from matrix_hpc.job.dataset import iter_rows
 from matrix_hpc.runtime.agent_actor import payload_class
 from matrix_hpc.runtime.context import Context
-from matrix_hpc.runtime.message import TaskFactory
+from matrix_hpc.runtime.source import task_factory
 from matrix_hpc.services.llm import LLMSpec
 from matrix_hpc.services.llm import deploy as deploy_llm
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ("collab_reasoning", "code_verify", "tool_use")
-DEFAULT_OFF = {"tool_use"}  # its batch side reads an empty environment state under load: see benchmarks/README.md
 LONGTAIL = ROOT / "benchmarks" / "longtail"
 LONGTAIL_SIM = {"output_tokens": {"dist": "lognormal", "mean": 160, "sigma": 1.2}}
 
@@ -90,7 +89,8 @@ def prepared_job(src: Path, in_flight: int, out: Path):
 
 
 def tasks_of(job) -> list:
-    factory = TaskFactory(job.spec, payload_class(job), None)
+    """The task envelopes the runtime's source makes (its payload builder included), every trial."""
+    factory = task_factory(job)
     return [factory.new(index, row, trial, where)
             for index, row, where in iter_rows(job.dataset_path, job.spec.dataset.limit)
             for trial in range(job.spec.dataset.trials)]
@@ -215,7 +215,7 @@ def main_sim(args, tmp: Path) -> int:
     with LocalRay(tmp, num_cpus=2, log_to_driver=False, object_store_memory=1024 * 1024**2):
         longtail = [int(x) for x in args.sim_longtail.split(",")]
         for name, src, n, sim in cases(args.sim_scenario_rows, args.sim_tool_use_rows, longtail):
-            if (name not in args.sim_only.split(",")) if args.sim_only else (name in DEFAULT_OFF):
+            if args.sim_only and name not in args.sim_only.split(","):
                 continue
             one_case(name, src, n, sim, tmp)
     return 0

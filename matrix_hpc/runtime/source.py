@@ -21,12 +21,17 @@ from matrix_hpc.runtime.message import Task, TaskFactory, task_id
 from matrix_hpc.runtime.router import Directory
 
 
+def task_factory(job: Job) -> TaskFactory:
+    """What turns the job's dataset rows into task envelopes: its payload class and builder."""
+    cls = payload_class(job)  # also puts the job's folders on sys.path, for the builder
+    builder = resolve_ref(job.spec.payload.builder) if job.spec.payload.builder else None
+    return TaskFactory(job.spec, cls, builder)
+
+
 class SourceActor(ActorBase):
     def __init__(self, job: Job, directory: Directory, skip: set[str], restore: list[bytes]):
         super().__init__(job, directory)
-        cls = payload_class(job)  # also puts the job's folders on sys.path, for the builder
-        builder = resolve_ref(job.spec.payload.builder) if job.spec.payload.builder else None
-        self.factory = TaskFactory(job.spec, cls, builder)
+        self.factory = task_factory(job)
         self.job = job
         self.skip = skip
         self.restore = deque(restore)
