@@ -499,17 +499,19 @@ def test_a_run_started_by_plain_sbatch_is_seen_cancelled_resumed_and_cleaned_up_
     job_id = re.search(r"Submitted batch job (\d+)", submitted.stdout).group(1)
     r.job_ids.append(job_id)
     view = lambda: json.loads((r.run_dir / "logs" / "nodes.json").read_text())  # noqa: E731
-    r.wait(lambda: len(r.committed()) >= 1 and (r.run_dir / "logs" / "nodes.json").exists() and len(view()) == 2,
-           240, "a first commit and steps on both nodes", job_id)
+    r.wait(lambda: len(r.committed()) >= 1 and (r.run_dir / "logs" / "nodes.json").exists() and len(view()) == 2
+           and all(node["steps"] >= 1 for node in view().values()), 240, "a first commit and steps on both nodes", job_id)
 
     status = r.cli("status", str(r.run_dir))
     assert re.search(rf"slurm +job {job_id} running on node\[1-2\]", status.stdout), status.stdout
     for rank, name in ((0, "node1"), (1, "node2")):
         assert re.search(rf"node {rank} {name}: \d+ task\(s\) in flight, [1-9]\d* step\(s\)", status.stdout), \
             status.stdout
+    # A ping step prints as it starts; node 2's agents may so far have run only pong steps.
+    node_1_logs = lambda: r.cli("logs", str(r.run_dir), "--node", "1").stdout  # noqa: E731
+    r.wait(lambda: re.search(r"ping r\d+#0 \d+ on node2", node_1_logs()), 120, "a ping on node 2 in its log", job_id)
     logs = r.cli("logs", str(r.run_dir), "--node", "1")
-    assert "node 1/2 node2 (127.0.0.3)" in logs.stdout and re.search(r"ping r\d+#0 \d+ on node2", logs.stdout), \
-        logs.stdout
+    assert "node 1/2 node2 (127.0.0.3)" in logs.stdout, logs.stdout
     assert not re.search(r"ping r\d+#0 \d+ on node1", logs.stdout)
 
     cancelled = r.cli("cancel", str(r.run_dir), timeout=180)

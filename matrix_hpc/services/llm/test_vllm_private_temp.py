@@ -85,18 +85,3 @@ def test_a_semaphore_an_engine_registered_goes_at_the_next_start_after_a_kill_of
     assert Path(semaphore).exists()  # nobody removed it
     PrivateTemp().remove()
     assert not Path(semaphore).exists() and not Path(folder).exists()
-
-
-def test_two_engines_of_one_process_record_their_own_semaphores_whichever_stops_first(tmp_path, monkeypatch):
-    import multiprocessing
-
-    monkeypatch.setenv("MATRIX_HPC_RUN_TMP", str(tmp_path))
-    first = PrivateTemp()
-    second = PrivateTemp()
-    first.remove()
-    lock = multiprocessing.get_context("spawn").Lock()  # registered while only the second runs
-    name = "/dev/shm/sem." + lock._semlock.name.lstrip("/")
-    assert name in (Path(second.path) / "shared-memory").read_text().split()
-    assert not Path(first.path).exists()
-    del lock  # its own finalizer removes it
-    second.remove()

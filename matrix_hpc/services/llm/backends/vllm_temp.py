@@ -35,14 +35,11 @@ class PrivateTemp:
         os.environ.update(dict.fromkeys(self.VARS, self.path))
         tempfile.tempdir = self.path
         self.shared_memory: set[str] = set()
-        self.removed = False
         self._register = resource_tracker.register
         resource_tracker.register = self._registered
 
     def _registered(self, name: str, rtype: str) -> None:
         self._register(name, rtype)
-        if self.removed:  # still in the chain of a later PrivateTemp of this process: pass it on
-            return
         if rtype in ("semaphore", "shared_memory"):  # /mp-x is /dev/shm/sem.mp-x; /psm_x is /dev/shm/psm_x
             self.shared_memory.add("/dev/shm/" + ("sem." if rtype == "semaphore" else "") + name.lstrip("/"))
             self._write_list()
@@ -62,7 +59,6 @@ class PrivateTemp:
             else:
                 os.environ[k] = v
         tempfile.tempdir = self.saved_tempdir
-        self.removed = True
         if resource_tracker.register == self._registered:
             resource_tracker.register = self._register
         fate.unlink_shared_memory(self.shared_memory)
