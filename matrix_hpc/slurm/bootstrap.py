@@ -290,6 +290,11 @@ def wait_for_nodes(node: Node, adir: Path, timeout: float, stop: threading.Event
         time.sleep(_POLL_S)
 
 
+def report_failure(adir: Path, node: Node, why: str) -> None:
+    """Tell the head, which waits for every node to join (``wait_for_nodes``), that this one will not."""
+    (adir / f"node-{node.rank}.failed").write_text(why)
+
+
 def run_worker(node: Node, adir: Path, extra_args: list[str], timeout: float) -> int:
     """A non-first node: join the head once its address is published, then keep Ray up until the
     head says the attempt is done (or Ray exits). Returns the exit code for this task."""
@@ -299,7 +304,7 @@ def run_worker(node: Node, adir: Path, extra_args: list[str], timeout: float) ->
         if done_file.exists():
             return 0
         if time.monotonic() > end:
-            (adir / f"node-{node.rank}.failed").write_text(f"no Ray head address within {timeout:.0f}s")
+            report_failure(adir, node, f"no Ray head address within {timeout:.0f}s")
             return 1
         time.sleep(_POLL_S)
     for attempt in range(1, START_ATTEMPTS + 1):
@@ -319,5 +324,5 @@ def run_worker(node: Node, adir: Path, extra_args: list[str], timeout: float) ->
             return 0
         if attempt < START_ATTEMPTS:
             log.warning("`ray start` on %s exited with %s; joining again", node.name, code)
-    (adir / f"node-{node.rank}.failed").write_text(f"`ray start` exited with {code}, {START_ATTEMPTS} times")
+    report_failure(adir, node, f"`ray start` exited with {code}, {START_ATTEMPTS} times")
     return 1

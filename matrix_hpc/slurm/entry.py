@@ -84,7 +84,7 @@ def run_node(job_path: Path, run_dir: Path) -> int:
             _private_ray(run_dir)
             return bootstrap.run_worker(node, adir, list(options.ray_worker_args), options.nodes_timeout_s)
         except Exception as e:  # the head, waiting for this node to join, fails at once with the reason
-            (adir / f"node-{node.rank}.failed").write_text(f"{type(e).__name__}: {e}")
+            bootstrap.report_failure(adir, node, f"{type(e).__name__}: {e}")
             raise
     _private_ray(run_dir)
     return _hold_and_run_head(node, adir, job_path, run_dir, options)
