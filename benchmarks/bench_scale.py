@@ -2,8 +2,9 @@
 
 The long-tail workload (benchmarks/longtail: 1-12 turns per row) with every row let in at once
 (``max_in_flight`` = N), against one simulated engine (``backend: sim``) that holds every request
-in one batch: a call lasts ``--call-s`` seconds of wall time (``--tokens`` engine steps), plus the
-simulator's own Python time per step, so the tasks wait on the "model" and stay in flight.
+admits ``--engine-seqs`` requests at once, all in one batch: a call lasts ``--call-s`` seconds of wall
+time (``--tokens`` engine steps), plus the simulator's own Python time per step, so the tasks wait on
+the "model" and stay in flight (the calls beyond the engine's admission wait in the client).
 
     1. ``matrix-hpc run`` in a session of its own; SIGUSR2 (a checkpoint) every ``--signal-s``;
     2. once a checkpoint has held (nearly) all N tasks and some rows are committed: kill -9 of
@@ -50,25 +51,28 @@ def load() -> str:
     return "load {:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg())
 
 
-def prepare(out: Path, rows: int, call_s: float, tokens: int, checkpoint_s: float) -> Path:
+def prepare(out: Path, rows: int, call_s: float, tokens: int, checkpoint_s: float, engine_seqs: int) -> Path:
     d = out / "longtail"
     shutil.copytree(LONGTAIL, d)
     write_longtail_rows(d / "rows.jsonl", rows)
     spec = yaml.safe_load((d / "job.yaml").read_text())
     spec["roles"]["talker"]["concurrency"] = rows
-    # retries: under load, some LLM calls end CANCELLED (benchmarks/README.md); a try again recovers them
-    spec["run"].update(max_in_flight=rows, output_dir="run", checkpoint_interval_s=checkpoint_s,
-                       retry={"max_retries": 10, "backoff_s": 0.5})
-    # one batch holds every request; only the per-step time counts, so a call lasts ~call_s
+    spec["run"].update(max_in_flight=rows, output_dir="run", checkpoint_interval_s=checkpoint_s)
+    # one batch holds every request admitted; only the per-step time counts, so a call lasts ~call_s
     sim = {"step_s": call_s / tokens, "prefill_token_s": 0, "decode_seq_s": 0, "kv_token_s": 0,
-           "max_num_seqs": rows, "kv_cache_tokens": 10**9, "output_tokens": {"dist": "fixed", "mean": tokens}}
-    spec["services"]["llm"]["smol"].update(sim=sim, max_concurrency=rows)
+           "max_num_seqs": engine_seqs, "kv_cache_tokens": 10**9, "output_tokens": {"dist": "fixed", "mean": tokens}}
+    spec["services"]["llm"]["smol"].update(sim=sim, max_concurrency=engine_seqs)
     (d / "job.yaml").write_text(yaml.safe_dump(spec))
     return d / "job.yaml"
 
 
-def max_turns(job_path: Path) -> int:
-    return max(json.loads(line)["turns"] for line in (job_path.parent / "rows.jsonl").open())
+def ideal_s(job_path: Path, call_s: float, engine_seqs: int) -> tuple[float, str]:
+    """The resume's latency-bound time if the runtime cost nothing: the longest row's turns, or every
+    call through the engine's admitted batch, whichever is longer."""
+    turns = [json.loads(line)["turns"] for line in (job_path.parent / "rows.jsonl").open()]
+    longest, through = max(turns) * call_s, sum(turns) / engine_seqs * call_s
+    return max(longest, through), f"the longest row's {max(turns)} turns: {longest:.0f} s; {sum(turns)} calls " \
+        f"through {engine_seqs} at a time: {through:.0f} s"
 
 
 def cli(*args: str) -> subprocess.Popen:
@@ -89,14 +93,20 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
-def session_pss(sid: int) -> int:
-    total = 0
+def session_pss(sid: int) -> dict[str, int]:
+    """PSS by process title (``ray::talker``, ``raylet``, ...; one title may name several processes)."""
+    by_title: Counter = Counter()
     for pid in session_pids(sid):
         try:
-            total += psutil.Process(pid).memory_full_info().pss
+            p = psutil.Process(pid)
+            by_title[" ".join(p.cmdline()[:1]).rsplit("/", 1)[-1][:40] or p.name()] += p.memory_full_info().pss
         except (psutil.Error, OSError):
             pass
-    return total
+    return by_title
+
+
+def biggest(by_title: dict[str, int], n: int = 4) -> str:
+    return ", ".join(f"{title} {pss / 2**20:.0f} MiB" for title, pss in Counter(by_title).most_common(n))
 
 
 def session_cpu(sid: int) -> float:
@@ -114,16 +124,16 @@ class Watch:
     """Polls one session's PSS (peak, with the load average at the peak) on a thread."""
 
     def __init__(self, sid: int, every_s: float = 2.0):
-        self.sid, self.every_s, self.peak, self.peak_load = sid, every_s, 0, ""
+        self.sid, self.every_s, self.peak, self.peak_load, self.peak_by = sid, every_s, 0, "", {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            pss = session_pss(self.sid)
-            if pss > self.peak:
-                self.peak, self.peak_load = pss, load()
+            by_title = session_pss(self.sid)
+            if sum(by_title.values()) > self.peak:
+                self.peak, self.peak_load, self.peak_by = sum(by_title.values()), load(), by_title
             self._stop.wait(self.every_s)
 
     def stop(self) -> None:
@@ -173,6 +183,7 @@ def run_until_full_checkpoint(job_path: Path, run_dir: Path, rows: int, timeout_
                 watch.stop()
                 return {"full": full, "full_load": seen, "killed_at_s": time.monotonic() - t0,
                         "committed_at_kill": committed, "peak_pss": watch.peak, "peak_load": watch.peak_load,
+                        "peak_by": watch.peak_by,
                         "cpu_s": cpu}
             time.sleep(1.0)
         raise SystemExit(f"no checkpoint of {rows} tasks within {timeout_s} s")
@@ -213,6 +224,7 @@ def resume(run_dir: Path, timeout_s: float) -> dict:
         raise SystemExit(f"resume failed ({proc.returncode}):\n{out[-3000:]}")
     summary = json.loads(out.strip().splitlines()[-1])
     return {"summary": summary, "wall_s": wall, "peak_pss": watch.peak, "peak_load": watch.peak_load,
+            "peak_by": watch.peak_by,
             "load_end": load()}
 
 
@@ -234,6 +246,7 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=100_000, help="workflows, all in flight at once")
     ap.add_argument("--call-s", type=float, default=5.0, help="simulated seconds per LLM call")
     ap.add_argument("--tokens", type=int, default=4, help="engine steps per call")
+    ap.add_argument("--engine-seqs", type=int, default=16384, help="requests the engine admits at once")
     ap.add_argument("--checkpoint-s", type=float, default=3600.0, help="checkpoint_interval_s of the run")
     ap.add_argument("--signal-s", type=float, default=3.0, help="SIGUSR2 (a checkpoint) this often until one is full")
     ap.add_argument("--timeout-s", type=float, default=1800.0)
@@ -243,24 +256,28 @@ def main() -> int:
     out = Path(args.dir)
     out.mkdir(parents=True)
     print(f"machine: {platform.node()} {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
-          f"{args.rows} rows all in flight, SIMULATED engine ({args.call_s} s per call); {load()}", flush=True)
+          f"{args.rows} rows all in flight, SIMULATED engine ({args.call_s} s per call, "
+          f"{min(args.engine_seqs, args.rows)} at once); {load()}", flush=True)
     try:
-        job_path = prepare(out, args.rows, args.call_s, args.tokens, args.checkpoint_s)
+        engine_seqs = min(args.engine_seqs, args.rows)
+        job_path = prepare(out, args.rows, args.call_s, args.tokens, args.checkpoint_s, engine_seqs)
         run_dir = load_job(job_path).run_dir
         first = run_until_full_checkpoint(job_path, run_dir, args.rows, args.timeout_s, args.signal_s)
         full = first["full"]
         print(f"run: checkpoint of {full['tasks']} in-flight tasks in {full['seconds']:.2f} s; kill -9 at "
               f"{first['killed_at_s']:.0f} s with {first['committed_at_kill']} rows committed; peak PSS "
-              f"{first['peak_pss'] / 2**30:.2f} GiB ({first['peak_load']}); {first['cpu_s']:.0f} CPU-s", flush=True)
+              f"{first['peak_pss'] / 2**30:.2f} GiB ({first['peak_load']}; {biggest(first['peak_by'])}); "
+              f"{first['cpu_s']:.0f} CPU-s", flush=True)
         res = resume(run_dir, args.timeout_s)
         s = res["summary"]
         startup = res["wall_s"] - s["processing_s"]
         print(f"resume: {s['resumed']} tasks restored, {s['done']} rows done in {res['wall_s']:.1f} s "
               f"({startup:.1f} s start-up and teardown, {s['processing_s']:.1f} s processing = "
               f"{s['done'] / max(s['processing_s'], 1e-9):.0f} tasks/s); peak PSS {res['peak_pss'] / 2**30:.2f} GiB "
-              f"({res['peak_load']}); {res['load_end']}; {s['retries']} step retries", flush=True)
-        print(f"latency-bound ideal of the resume: {max_turns(job_path) * args.call_s:.0f} s (the longest row's "
-              "turns x the call time)", flush=True)
+              f"({res['peak_load']}; {biggest(res['peak_by'])}); {res['load_end']}; {s['retries']} step retries",
+              flush=True)
+        print("latency-bound ideal of the resume: {:.0f} s ({})".format(*ideal_s(job_path, args.call_s, engine_seqs)),
+              flush=True)
         exactly_once(run_dir, args.rows)
         print(f"exactly once: all {args.rows} rows committed once, done (store API)", flush=True)
         print(json.dumps({"rows": args.rows, "checkpoint": full, "first": {k: v for k, v in first.items()

@@ -3,6 +3,7 @@ backpressure, failing agents, large payloads, and an actor killed mid-run."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
@@ -272,3 +273,29 @@ def test_an_already_deployed_service_serves_several_runs_and_stays_up(ray_sessio
         assert not (job.run_dir.parent / "never").exists()
     finally:
         shared.shutdown()
+
+
+def test_an_actor_away_from_its_node_is_restarted_until_the_tries_run_out(ray_session, tmp_path, caplog):
+    from matrix_hpc.runtime.spread import move_to_preferred_nodes
+
+    ray = ray_session
+
+    @ray.remote(max_restarts=-1, num_cpus=0)
+    class Placed:  # notes each of its starts in ``log`` (a file)
+        def __init__(self, log: str):
+            with open(log, "a") as f:
+                f.write("started\n")
+            self.incarnation = os.urandom(8).hex()
+
+        def where(self) -> tuple[str, str]:
+            return self.incarnation, ray.get_runtime_context().get_node_id()
+
+    here = ray.get_runtime_context().get_node_id()
+    placed = Placed
+    home, away = placed.remote(str(tmp_path / "home")), placed.remote(str(tmp_path / "away"))
+    with deadline(120):
+        move_to_preferred_nodes({home: here, away: "f" * 56}, {home: "role/0", away: "role/1"}, tries=2)
+    assert (tmp_path / "home").read_text() == "started\n"  # on its node: never restarted
+    assert (tmp_path / "away").read_text() == "started\n" * 3  # its first start and 2 restarts
+    assert "role/1 run(s) away from the node meant for them" in caplog.text
+    assert ray.get(away.where.remote())[1] == here  # still serving after the restarts

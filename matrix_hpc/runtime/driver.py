@@ -43,6 +43,7 @@ from matrix_hpc.runtime.security import (
 from matrix_hpc.runtime.services import Endpoints, deploy_all, shutdown_all
 from matrix_hpc.runtime.sink import SinkActor
 from matrix_hpc.runtime.source import SourceActor
+from matrix_hpc.runtime.spread import move_to_preferred_nodes, spread
 from matrix_hpc.runtime.summary import RunSummary, failure_breakdown
 from matrix_hpc.store import DONE, FAILED, RunStore
 from matrix_hpc.store.throughput import SENDING
@@ -100,15 +101,6 @@ def _run(job: Job, *, force: bool, progress: bool, stop: threading.Event | None,
         if stop_ray is not None:
             stop_ray()  # first: worker output that arrives late still goes to the log file
         runner.term.close()
-
-
-def _spread(i: int):
-    """Replica ``i`` of a role prefers node ``i`` (mod the node count): on a cluster a role's
-    replicas land on different nodes (Ray's own SPREAD is best effort); one node: no difference."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
-    return NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True) if len(nodes) > 1 else "DEFAULT"
 
 
 def _install_stop_signals(stop: threading.Event) -> dict:
@@ -199,20 +191,23 @@ class _Run:
             .remote(self.job, f"{self.id}-sink-{i}", directory, f"{self.id}/source", endpoints)
             for i, name in enumerate(directory["done"])
         ]
-        self.agents = {
-            role: [
-                ray.remote(titled(AgentActor, role, label))
-                .options(name=name, num_cpus=rs.num_cpus, num_gpus=rs.num_gpus, max_restarts=-1,
-                         scheduling_strategy=_spread(i), **opts)
-                .remote(self.job, role, directory, endpoints)
-                for i, name in enumerate(directory[role])
-            ]
-            for role, rs in self.spec.roles.items()
-        }
+        preferred = {}
+        self.agents = {role: [] for role in self.spec.roles}
+        for role, rs in self.spec.roles.items():
+            for i, name in enumerate(directory[role]):
+                where = spread(i)
+                actor = (ray.remote(titled(AgentActor, role, label))
+                         .options(name=name, num_cpus=rs.num_cpus, num_gpus=rs.num_gpus, max_restarts=-1,
+                                  scheduling_strategy=where, **opts)
+                         .remote(self.job, role, directory, endpoints))
+                self.agents[role].append(actor)
+                if where != "DEFAULT":
+                    preferred[actor] = where.node_id
         self.actors = [self.source, *self.sinks, *(a for pool in self.agents.values() for a in pool)]
         self.names = {self.source: f"{self.id}/source", **dict(zip(self.sinks, directory["done"], strict=True))}
         for role, pool in self.agents.items():
             self.names.update(zip(pool, directory[role], strict=True))
+        move_to_preferred_nodes(preferred, self.names)
 
     # -- the run ------------------------------------------------------------------------------
 

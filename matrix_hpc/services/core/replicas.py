@@ -3,7 +3,9 @@
 ``replica_set(endpoint, options)`` is shared by every client of that endpoint (a client per step is
 cheap). It keeps one channel per replica, counts the calls each has outstanding, and picks one:
 with a key, the replica that rendezvous hashing gives the key among the healthy ones (a task's
-turns stay together); without, the one with the fewest outstanding calls. A replica that cannot
+turns stay together); without, the one with the fewest outstanding calls. A process may keep at most
+``calls_per_replica`` calls open to one replica; the others wait here for a turn (an open gRPC call
+holds ~25 KiB on each side, so 100,000 waiting workflows must not each hold one). A replica that cannot
 be reached is marked down and probed with the gRPC health service (200 ms, doubling to 5 s); a
 Ray actor that Ray restarted is asked for its address again (a new port on a cluster, the same
 socket on one machine), and the replica comes back once it answers SERVING.
@@ -16,11 +18,13 @@ one trusted: a server that cannot prove it holds the run's key gets no call, so 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import random
 import time
 import weakref
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import grpc
@@ -79,6 +83,7 @@ class Replica:
         self.next_probe = 0.0
         self.probe_interval = PROBE_MIN_S
         self.probing = False
+        self._turns = asyncio.Semaphore(owner.calls_per_replica) if owner.calls_per_replica else None
         self._stubs: dict[type, Any] = {}
         self.channel: grpc.aio.Channel | None = None
         self._connect(address)
@@ -99,6 +104,19 @@ class Replica:
             stub = self._stubs[cls] = cls(self.channel)
         return stub
 
+    @contextlib.asynccontextmanager
+    async def call_turn(self) -> AsyncIterator[None]:
+        """Counts a call as outstanding on this replica while it waits for a turn and runs."""
+        self.outstanding += 1
+        try:
+            if self._turns is None:
+                yield
+            else:
+                async with self._turns:
+                    yield
+        finally:
+            self.outstanding -= 1
+
     async def reconnect(self, address: str) -> None:
         old = self.channel
         self._connect(address)
@@ -109,8 +127,9 @@ class Replica:
 class ReplicaSet:
     """The replicas of one endpoint in this process and event loop."""
 
-    def __init__(self, endpoint: Endpoint, max_message: int):
+    def __init__(self, endpoint: Endpoint, max_message: int, calls_per_replica: int | None = None):
         self.name = endpoint.name
+        self.calls_per_replica = calls_per_replica
         self.namespace = endpoint.namespace
         self.secret, self.tls_cert = endpoint.secret, endpoint.tls_cert
         self.max_message = max_message
@@ -224,10 +243,12 @@ def _score(key: str, replica_id: str) -> int:
 _SETS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, ReplicaSet]] = weakref.WeakKeyDictionary()
 
 
-def replica_set(endpoint: Endpoint, max_message: int = 64 * 1024 * 1024) -> ReplicaSet:
-    """The replica set of ``endpoint`` for this process and running event loop (made on first use)."""
+def replica_set(endpoint: Endpoint, max_message: int = 64 * 1024 * 1024,
+                calls_per_replica: int | None = None) -> ReplicaSet:
+    """The replica set of ``endpoint`` for this process and running event loop (made on first use);
+    ``calls_per_replica``: the calls open at once to one replica (None: no limit)."""
     sets = _SETS.setdefault(asyncio.get_running_loop(), {})
     found = sets.get(endpoint.uid)
     if found is None:
-        found = sets[endpoint.uid] = ReplicaSet(endpoint, max_message)
+        found = sets[endpoint.uid] = ReplicaSet(endpoint, max_message, calls_per_replica)
     return found

@@ -20,6 +20,10 @@ from matrix_hpc.services.core.listen import is_unix, prepare_socket
 log = logging.getLogger("matrix_hpc.services")
 
 MAX_MESSAGE = 64 * 1024 * 1024
+# gRPC's core cancels a call that arrives while 3,000 (by default) wait to be handed to the server's
+# event loop: a burst of a few thousand agent calls lost a third of them as CANCELLED. Admission is
+# the services' own (queues, RESOURCE_EXHAUSTED), so the core's queue may hold whatever arrives.
+MAX_PENDING_CALLS = 1 << 24
 
 
 def check_listen(address: str, secret: str | None, what: str) -> None:
@@ -66,7 +70,9 @@ class GrpcHost:
         self.server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", self.max_message),
                      ("grpc.max_send_message_length", self.max_message),
-                     ("grpc.so_reuseport", 0)],
+                     ("grpc.so_reuseport", 0),
+                     ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+                     ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS)],
             maximum_concurrent_rpcs=None,
             interceptors=server_interceptors(self.secret, self.what),
         )

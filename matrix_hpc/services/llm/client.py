@@ -49,7 +49,7 @@ _SAMPLING_KEYS = frozenset(f.name for f in pb.Sampling.DESCRIPTOR.fields if f.na
 
 
 def _pool_for(endpoint: LLMEndpoint) -> ReplicaSet:
-    return replica_set(endpoint, MAX_MESSAGE)
+    return replica_set(endpoint, MAX_MESSAGE, endpoint.spec.max_concurrency)
 
 
 # ------------------------------------------------------------------------- request building
@@ -216,19 +216,19 @@ class LLMClient:
                 with attempt:
                     r = await self._acquire(pool, avoid, deadline)
                     started = False
-                    r.outstanding += 1
                     call = None
                     try:
-                        call = r.stub(pb_grpc.LLMStub).ChatStream(req, timeout=max(0.001, deadline - time.monotonic()))
-                        async for chunk in call:
-                            started = True
-                            yield chunk_from_pb(chunk)
+                        async with r.call_turn():
+                            call = r.stub(pb_grpc.LLMStub).ChatStream(
+                                req, timeout=max(0.001, deadline - time.monotonic()))
+                            async for chunk in call:
+                                started = True
+                                yield chunk_from_pb(chunk)
                         return
                     except grpc.aio.AioRpcError as e:
                         self._failed(pool, r, e, avoid, retryable=not started)
                         raise
                     finally:
-                        r.outstanding -= 1
                         if call is not None and not call.done():
                             call.cancel()  # the consumer stopped early: free the server's work
         except grpc.aio.AioRpcError as e:
@@ -312,14 +312,12 @@ class LLMClient:
             async for attempt in self._retrying(deadline, method):
                 with attempt:
                     r = await self._acquire(pool, avoid, deadline)
-                    r.outstanding += 1
                     try:
-                        call = getattr(r.stub(pb_grpc.LLMStub), method)
-                        return await call(req, timeout=max(0.001, deadline - time.monotonic()))
+                        async with r.call_turn():
+                            call = getattr(r.stub(pb_grpc.LLMStub), method)
+                            return await call(req, timeout=max(0.001, deadline - time.monotonic()))
                     except grpc.aio.AioRpcError as e:
                         self._failed(pool, r, e, avoid)
                         raise
-                    finally:
-                        r.outstanding -= 1
         except grpc.aio.AioRpcError as e:
             raise self._gave_up(e) from None

@@ -120,7 +120,8 @@ class LLMSpec(_Strict):
     """Environment of the replica process (e.g. ``VLLM_CPU_KVCACHE_SPACE: "2"``)."""
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
     max_concurrency: int = Field(256, ge=1)
-    """Requests one replica admits at once; more are refused with RESOURCE_EXHAUSTED."""
+    """Requests one replica admits at once; more are refused with RESOURCE_EXHAUSTED. A client process
+    also keeps at most this many calls open to one replica; its other calls wait there for a turn."""
     base_url: str | None = None
     """``openai``: the upstream, e.g. ``http://host:8000/v1``."""
     api_key_env: str | None = None

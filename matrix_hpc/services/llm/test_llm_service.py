@@ -133,8 +133,8 @@ def test_overload_is_resource_exhausted():
     spec = LLMSpec(backend="scripted", max_concurrency=1, retries=0, scripted={"latency": {"per_token_s": 0.05}})
     with BackgroundServer(spec, "tiny") as srv:
 
-        async def main():
-            client = srv.endpoint().client()
+        async def main():  # a client that allows itself 2 calls at once: as if two processes called
+            client = srv.endpoint(max_concurrency=2).client()
             stream = client.stream_chat("one two three four five six seven eight nine ten")
             first = await anext(stream)  # the stream is now in flight on the only slot
             assert first.delta == "one"
@@ -146,6 +146,24 @@ def test_overload_is_resource_exhausted():
 
         e = run(main())
         assert e.code == "RESOURCE_EXHAUSTED" and "limit of 1 requests in flight" in str(e)
+
+
+def test_a_client_waits_for_a_turn_instead_of_overloading_a_replica():
+    spec = LLMSpec(backend="scripted", max_concurrency=1, retries=0, scripted={"latency": {"per_token_s": 0.05}})
+    with BackgroundServer(spec, "tiny") as srv:
+
+        async def main():
+            client = srv.endpoint().client()
+            stream = client.stream_chat("one two three four five six")
+            assert (await anext(stream)).delta == "one"  # the stream holds the replica's only turn
+            waiting = asyncio.ensure_future(client.chat("hello"))
+            assert (await anext(stream)).delta == " two"  # refused, the chat would have ended by now
+            assert not waiting.done()
+            rest = [chunk.delta async for chunk in stream]
+            return rest, await waiting
+
+        rest, reply = run(main())
+        assert "".join(rest) == " three four five six" and reply.text == "hello"
 
 
 def test_no_replica_reachable_fails_with_unavailable_within_the_deadline():

@@ -126,3 +126,19 @@ def test_sim_over_grpc_streams_and_says_it_is_simulated():
         assert "".join(c.delta for c in chunks) == whole.text
         with pytest.raises(InvalidRequest, match="regex"):
             asyncio.run(client.chat("hello", regex="[a-z]+"))
+
+
+def test_a_burst_of_thousands_of_calls_is_served_whole():
+    # gRPC's core cancels calls beyond 3,000 waiting for the server by default: every one must succeed.
+    calls = 6000
+    with BackgroundServer(sim_spec(output_tokens={"dist": "fixed", "mean": 2}), "sim") as srv:
+        client = srv.endpoint().client()
+
+        async def main():
+            return await asyncio.gather(*[client.chat(f"q{i}", max_tokens=2) for i in range(calls)],
+                                        return_exceptions=True)
+
+        results = asyncio.run(main())
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert not failed, f"{len(failed)} of {calls} failed, first: {failed[0]!r}"
+    assert [r.usage.completion_tokens for r in results] == [2] * calls

@@ -155,15 +155,13 @@ class SandboxClient:
                         raise ServiceError(f"sandbox {self.name!r} {method}: no replica is reachable now",
                                            "UNAVAILABLE")
                     addr = r.address
-                    r.outstanding += 1
                     try:
-                        return r, await getattr(r.stub(pb_grpc.SandboxStub), method)(request, timeout=timeout)
+                        async with r.call_turn():
+                            return r, await getattr(r.stub(pb_grpc.SandboxStub), method)(request, timeout=timeout)
                     except grpc.aio.AioRpcError as e:
                         avoid.add(addr)
                         replicas.failed(r, e.code())
                         raise
-                    finally:
-                        r.outstanding -= 1
         except grpc.aio.AioRpcError as e:
             raise _error(e, method, addr) from e
 
