@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -33,6 +34,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 import psutil
@@ -241,6 +243,52 @@ def exactly_once(run_dir: Path, rows: int) -> None:
     assert turns_ok == rows, f"{rows - turns_ok} rows not done"
 
 
+def on_slurm(job_path: Path, run_dir: Path, nodes: int, timeout_s: float) -> dict:
+    """The same workload as a Slurm job of ``nodes`` nodes (``matrix-hpc submit``), one talker and one
+    LLM replica per node, periodic checkpoints, run to its end: peak PSS of the job's processes on
+    every node, checkpoints, and the rows per second from the first row sent to the run's end."""
+    spec = yaml.safe_load(job_path.read_text())
+    rows = spec["run"]["max_in_flight"]
+    spec["roles"]["talker"].update(replicas=nodes, concurrency=-(-rows // nodes))
+    spec["services"]["llm"]["smol"]["replicas"] = nodes
+    spec["run"]["checkpoint_interval_s"] = 30
+    spec["slurm"] = {"nodes": nodes, "time_min": 60}
+    job_path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "MATRIX_HPC_NODE_LOCAL_PATHS": ""}  # every local "node" is this machine
+    out = subprocess.run([sys.executable, "-m", "matrix_hpc.cli", "submit", str(job_path)], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    job_id = re.search(r"submitted Slurm job (\d+)", out).group(1)
+    peak, peak_by, t0 = 0, {}, time.monotonic()
+    try:
+        while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip():
+            if time.monotonic() - t0 > timeout_s:
+                raise SystemExit(f"Slurm job {job_id} still running after {timeout_s:.0f} s")
+            by_title = job_pss(job_id)
+            if sum(by_title.values()) > peak:
+                peak, peak_by = sum(by_title.values()), by_title
+            time.sleep(2.0)
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
+    events = RunStore.open(run_dir).events()
+    when = {e["kind"]: datetime.fromisoformat(e["time"].replace("Z", "+00:00")).timestamp() for e in events}
+    return {"job_id": job_id, "peak_pss": peak, "peak_by": peak_by,
+            "checkpoints": [(e["tasks"], e["seconds"]) for e in events if e["kind"] == "checkpoint"],
+            "processing_s": when["finished"] - when["sending"]}
+
+
+def job_pss(job_id: str) -> dict[str, int]:
+    """PSS by process title of every process of a Slurm job (found by ``SLURM_JOB_ID`` in its environment)."""
+    by_title: Counter = Counter()
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("SLURM_JOB_ID") == job_id:
+                by_title[" ".join(proc.cmdline()[:1]).rsplit("/", 1)[-1][:40] or proc.name()] += \
+                    proc.memory_full_info().pss
+        except (psutil.Error, OSError):
+            continue
+    return by_title
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=100_000, help="workflows, all in flight at once")
@@ -252,6 +300,8 @@ def main() -> int:
     ap.add_argument("--timeout-s", type=float, default=1800.0)
     ap.add_argument("--dir", default=f"/tmp/bench-scale-{os.getpid()}")
     ap.add_argument("--keep", action="store_true", help="keep the run directory")
+    ap.add_argument("--slurm-nodes", type=int, default=0,
+                    help="run it as a job of this many nodes on the local Slurm instead (no kill -9)")
     args = ap.parse_args()
     out = Path(args.dir)
     out.mkdir(parents=True)
@@ -262,6 +312,14 @@ def main() -> int:
         engine_seqs = min(args.engine_seqs, args.rows)
         job_path = prepare(out, args.rows, args.call_s, args.tokens, args.checkpoint_s, engine_seqs)
         run_dir = load_job(job_path).run_dir
+        if args.slurm_nodes:
+            r = on_slurm(job_path, run_dir, args.slurm_nodes, args.timeout_s)
+            exactly_once(run_dir, args.rows)
+            print(f"slurm job {r['job_id']} on {args.slurm_nodes} nodes: {args.rows} rows done in "
+                  f"{r['processing_s']:.1f} s from the first sent = {args.rows / r['processing_s']:.0f} tasks/s; "
+                  f"checkpoints (tasks, s): {r['checkpoints']}; peak PSS {r['peak_pss'] / 2**30:.2f} GiB "
+                  f"({biggest(r['peak_by'])}); {load()}; exactly once", flush=True)
+            return 0
         first = run_until_full_checkpoint(job_path, run_dir, args.rows, args.timeout_s, args.signal_s)
         full = first["full"]
         print(f"run: checkpoint of {full['tasks']} in-flight tasks in {full['seconds']:.2f} s; kill -9 at "

@@ -299,3 +299,39 @@ def test_an_actor_away_from_its_node_is_restarted_until_the_tries_run_out(ray_se
     assert (tmp_path / "away").read_text() == "started\n" * 3  # its first start and 2 restarts
     assert "role/1 run(s) away from the node meant for them" in caplog.text
     assert ray.get(away.where.remote())[1] == here  # still serving after the restarts
+
+
+def test_a_burst_leaves_in_batches_of_at_most_max_batch(ray_session):
+    import asyncio
+
+    from matrix_hpc.runtime.router import MAX_BATCH, Router
+
+    ray = ray_session
+
+    @ray.remote(num_cpus=0)
+    class Receiver:
+        def __init__(self):
+            self.batches = []
+
+        def deliver(self, items: list) -> int:
+            self.batches.append(len(items))
+            return 0
+
+        def received(self) -> list[int]:
+            return self.batches
+
+    receiver = Receiver.options(name="burst-receiver").remote()
+    burst = 3 * MAX_BATCH + 5
+
+    async def main():
+        router = Router({"next": ["burst-receiver"]}, large_payload_bytes=1 << 20)
+        for i in range(burst):
+            router.route("next", b"m%d" % i)
+        end = time.monotonic() + 60
+        while router.sent_messages < burst and time.monotonic() < end:
+            await asyncio.sleep(0.01)  # the sends run on this loop
+
+    asyncio.run(main())
+    batches = ray.get(receiver.received.remote())
+    assert sum(batches) == burst and max(batches) == MAX_BATCH and len(batches) >= 4, batches
+    ray.kill(receiver)

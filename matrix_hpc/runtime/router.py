@@ -2,7 +2,10 @@
 of the next role. No broker sees every message.
 
 Batching is automatic: at most one send is in flight per destination, and whatever finishes
-while it is in flight leaves together in the next batch (one RPC per batch, not per message).
+while it is in flight leaves together in the next batch (one RPC per batch, not per message), up
+to ``MAX_BATCH`` messages: a burst (a source letting 100,000 rows in) leaves in many batches, so a
+checkpoint's pause, which waits for the send in flight and then queues behind the steps it started,
+is never stuck behind one huge delivery.
 The destination is picked by the power of two choices on the load each destination reported
 with its last reply, plus what was sent to it since.
 """
@@ -30,6 +33,7 @@ _DEAD_BACKOFF_S = 1.0
 _SEND_BACKOFF_S = 0.2
 _SEND_BACKOFF_MAX_S = 5.0
 SEND_RETRIES = 5
+MAX_BATCH = 2048
 
 
 class Router:
@@ -77,7 +81,10 @@ class Router:
         return h
 
     def _start_send(self, dest: str) -> None:
-        batch = self._outbox.pop(dest)
+        queued = self._outbox.pop(dest)
+        batch, rest = queued[:MAX_BATCH], queued[MAX_BATCH:]
+        if rest:
+            self._outbox[dest] = rest
         self._sending[dest] = asyncio.get_running_loop().create_task(self._send(dest, batch))
 
     async def _send(self, dest: str, batch: list[bytes]) -> None:
