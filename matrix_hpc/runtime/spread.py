@@ -1,9 +1,10 @@
 """Where agent actors run on a cluster: replica ``i`` of a role prefers node ``i`` (mod the node
 count), so a role's replicas land on different nodes (Ray's own SPREAD is best effort).
 
-The preference is soft, so that Ray restarts an actor elsewhere when its node dies. The price: an
-actor meant for a node that joined a moment ago may start elsewhere, because Ray's scheduler does
-not know that node yet; ``move_to_preferred_nodes`` restarts such actors before any task is sent.
+The preference is soft, so that Ray restarts an actor elsewhere when its node dies. The price: Ray
+may start an actor elsewhere although its node is alive (seen on a fresh allocation under load: a
+whole role on one node, the other idle); ``move_to_preferred_nodes`` restarts such actors there
+before any task is sent.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import ray
 
 from matrix_hpc.runtime.recovery import ACTOR_TROUBLE, get
 
-log = logging.getLogger("matrix_hpc.runtime.driver")
+log = logging.getLogger(__name__)
 
 
 def spread(i: int):
