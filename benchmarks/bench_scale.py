@@ -95,13 +95,18 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
+def title(proc: psutil.Process) -> str:
+    """A process's title (``ray::talker[...]``, ``raylet``, ``python``)."""
+    return " ".join(proc.cmdline()[:1]).rsplit("/", 1)[-1][:40] or proc.name()
+
+
 def session_pss(sid: int) -> dict[str, int]:
     """PSS by process title (``ray::talker``, ``raylet``, ...; one title may name several processes)."""
     by_title: Counter = Counter()
     for pid in session_pids(sid):
         try:
             p = psutil.Process(pid)
-            by_title[" ".join(p.cmdline()[:1]).rsplit("/", 1)[-1][:40] or p.name()] += p.memory_full_info().pss
+            by_title[title(p)] += p.memory_full_info().pss
         except (psutil.Error, OSError):
             pass
     return by_title
@@ -282,8 +287,7 @@ def job_pss(job_id: str) -> dict[str, int]:
     for proc in psutil.process_iter():
         try:
             if proc.environ().get("SLURM_JOB_ID") == job_id:
-                by_title[" ".join(proc.cmdline()[:1]).rsplit("/", 1)[-1][:40] or proc.name()] += \
-                    proc.memory_full_info().pss
+                by_title[title(proc)] += proc.memory_full_info().pss
         except (psutil.Error, OSError):
             continue
     return by_title

@@ -43,8 +43,9 @@ from matrix_hpc.runtime.security import (
 from matrix_hpc.runtime.services import Endpoints, deploy_all, shutdown_all
 from matrix_hpc.runtime.sink import SinkActor
 from matrix_hpc.runtime.source import SourceActor
-from matrix_hpc.runtime.spread import move_to_preferred_nodes, spread
+from matrix_hpc.runtime.spread import move_to_preferred_nodes
 from matrix_hpc.runtime.summary import RunSummary, failure_breakdown
+from matrix_hpc.services.placement import replica_strategies
 from matrix_hpc.store import DONE, FAILED, RunStore
 from matrix_hpc.store.throughput import SENDING
 
@@ -194,8 +195,7 @@ class _Run:
         preferred = {}
         self.agents = {role: [] for role in self.spec.roles}
         for role, rs in self.spec.roles.items():
-            for i, name in enumerate(directory[role]):
-                where = spread(i)
+            for name, where in zip(directory[role], replica_strategies(rs.replicas), strict=True):
                 actor = (ray.remote(titled(AgentActor, role, label))
                          .options(name=name, num_cpus=rs.num_cpus, num_gpus=rs.num_gpus, max_restarts=-1,
                                   scheduling_strategy=where, **opts)

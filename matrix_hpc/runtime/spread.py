@@ -1,5 +1,6 @@
-"""Where agent actors run on a cluster: replica ``i`` of a role prefers node ``i`` (mod the node
-count), so a role's replicas land on different nodes (Ray's own SPREAD is best effort).
+"""Where agent actors run on a cluster: a role's replicas are spread over the nodes like service
+replicas (``services.placement.replica_strategies``: replica ``i`` prefers node ``i``, mod the node
+count), so that no node sits idle for a role (Ray's own SPREAD is best effort).
 
 The preference is soft, so that Ray restarts an actor elsewhere when its node dies. The price: Ray
 may start an actor elsewhere although its node is alive (seen on a fresh allocation under load: a
@@ -12,18 +13,11 @@ from __future__ import annotations
 import logging
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError
 
-from matrix_hpc.runtime.recovery import ACTOR_TROUBLE, get
+from matrix_hpc.runtime.recovery import get
 
 log = logging.getLogger(__name__)
-
-
-def spread(i: int):
-    """The scheduling strategy of a role's replica ``i``: Ray's default on one node."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
-    return NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True) if len(nodes) > 1 else "DEFAULT"
 
 
 def move_to_preferred_nodes(preferred: dict, names: dict, tries: int = 3) -> None:
@@ -34,7 +28,7 @@ def move_to_preferred_nodes(preferred: dict, names: dict, tries: int = 3) -> Non
     for attempt in range(tries + 1):
         ran_on = _nodes(list(preferred), killed)
         if ran_on is None:
-            return  # an actor in trouble: the run's health checks deal with it
+            return  # an actor silent or dying again and again: the run's health checks deal with it
         away = {actor: incarnation for actor, (incarnation, node) in zip(preferred, ran_on, strict=True)
                 if node != preferred[actor]}
         if not away:
@@ -55,7 +49,9 @@ def _nodes(actors: list, killed: dict, asks: int = 20) -> list[tuple[str, str]] 
     for _ in range(asks):
         try:
             answers = get([actor.where.remote() for actor in actors])
-        except ACTOR_TROUBLE:
+        except GetTimeoutError:
+            return None  # one does not answer: not worth more waits of CALL_TIMEOUT_S here
+        except RayActorError:
             continue
         if all(answer[0] != killed.get(actor) for actor, answer in zip(actors, answers, strict=True)):
             return answers
