@@ -1,5 +1,6 @@
 """Generated code under matrix_hpc/_gen is what `python -m matrix_hpc.protogen` makes of protos/."""
 
+from importlib.metadata import version
 from pathlib import Path
 
 from matrix_hpc.protogen import GEN_DIR, generate_repo_protos
@@ -11,7 +12,9 @@ def test_generated_code_is_current(tmp_path: Path):
     checked_in = {p.relative_to(GEN_DIR): p.read_text() for p in GEN_DIR.rglob("*.py*")}
     stale = sorted(str(p) for p in fresh if checked_in.get(p) != fresh[p])
     extra = sorted(str(p) for p in set(checked_in) - set(fresh))
-    assert not stale and not extra, f"run `make protos`: stale {stale}, not from any proto {extra}"
+    assert not stale and not extra, (
+        f"run `make protos` (grpcio-tools {version('grpcio-tools')}): stale {stale}, not from any proto {extra}"
+    )
 
 
 def test_generated_code_is_an_ordinary_package():
