@@ -1,8 +1,9 @@
 """Scale: N workflows in flight at once (default 100,000) on a simulated engine, multi-turn.
 
 The long-tail workload (benchmarks/longtail: 1-12 turns per row) with every row let in at once
-(``max_in_flight`` = N), against one simulated engine (``backend: sim``) that holds every request
-admits ``--engine-seqs`` requests at once, all in one batch: a call lasts ``--call-s`` seconds of wall
+(``max_in_flight`` = N; ``--steps-at-once`` of them run a step, the others wait in the talker's
+inbox), against one simulated engine (``backend: sim``) that admits ``--engine-seqs`` requests at
+once, all in one batch: a call lasts ``--call-s`` seconds of wall
 time (``--tokens`` engine steps), plus the simulator's own Python time per step, so the tasks wait on
 the "model" and stay in flight (the calls beyond the engine's admission wait in the client).
 
@@ -53,12 +54,13 @@ def load() -> str:
     return "load {:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg())
 
 
-def prepare(out: Path, rows: int, call_s: float, tokens: int, checkpoint_s: float, engine_seqs: int) -> Path:
+def prepare(out: Path, rows: int, call_s: float, tokens: int, checkpoint_s: float, engine_seqs: int,
+            steps_at_once: int) -> Path:
     d = out / "longtail"
     shutil.copytree(LONGTAIL, d)
     write_longtail_rows(d / "rows.jsonl", rows)
     spec = yaml.safe_load((d / "job.yaml").read_text())
-    spec["roles"]["talker"]["concurrency"] = rows
+    spec["roles"]["talker"]["concurrency"] = steps_at_once
     spec["run"].update(max_in_flight=rows, output_dir="run", checkpoint_interval_s=checkpoint_s)
     # one batch holds every request admitted; only the per-step time counts, so a call lasts ~call_s
     sim = {"step_s": call_s / tokens, "prefill_token_s": 0, "decode_seq_s": 0, "kv_token_s": 0,
@@ -253,8 +255,8 @@ def on_slurm(job_path: Path, run_dir: Path, nodes: int, timeout_s: float) -> dic
     LLM replica per node, periodic checkpoints, run to its end: peak PSS of the job's processes on
     every node, checkpoints, and the rows per second from the first row sent to the run's end."""
     spec = yaml.safe_load(job_path.read_text())
-    rows = spec["run"]["max_in_flight"]
-    spec["roles"]["talker"].update(replicas=nodes, concurrency=-(-rows // nodes))
+    talker = spec["roles"]["talker"]
+    talker.update(replicas=nodes, concurrency=-(-talker["concurrency"] // nodes))
     spec["services"]["llm"]["smol"]["replicas"] = nodes
     spec["run"]["checkpoint_interval_s"] = 30
     spec["slurm"] = {"nodes": nodes, "time_min": 60}
@@ -299,6 +301,9 @@ def main() -> int:
     ap.add_argument("--call-s", type=float, default=5.0, help="simulated seconds per LLM call")
     ap.add_argument("--tokens", type=int, default=4, help="engine steps per call")
     ap.add_argument("--engine-seqs", type=int, default=16384, help="requests the engine admits at once")
+    ap.add_argument("--steps-at-once", type=int, default=0,
+                    help="the talker role's concurrency: steps running at once, the other workflows in flight "
+                         "wait in its inbox (default: --engine-seqs, what the engine admits)")
     ap.add_argument("--checkpoint-s", type=float, default=3600.0, help="checkpoint_interval_s of the run")
     ap.add_argument("--signal-s", type=float, default=3.0, help="SIGUSR2 (a checkpoint) this often until one is full")
     ap.add_argument("--timeout-s", type=float, default=1800.0)
@@ -309,12 +314,13 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.dir)
     out.mkdir(parents=True)
+    engine_seqs = min(args.engine_seqs, args.rows)
+    steps_at_once = min(args.steps_at_once or engine_seqs, args.rows)
     print(f"machine: {platform.node()} {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
-          f"{args.rows} rows all in flight, SIMULATED engine ({args.call_s} s per call, "
-          f"{min(args.engine_seqs, args.rows)} at once); {load()}", flush=True)
+          f"{args.rows} rows all in flight, SIMULATED engine ({args.call_s} s per call, {engine_seqs} at once); "
+          f"{steps_at_once} steps at once; {load()}", flush=True)
     try:
-        engine_seqs = min(args.engine_seqs, args.rows)
-        job_path = prepare(out, args.rows, args.call_s, args.tokens, args.checkpoint_s, engine_seqs)
+        job_path = prepare(out, args.rows, args.call_s, args.tokens, args.checkpoint_s, engine_seqs, steps_at_once)
         run_dir = load_job(job_path).run_dir
         if args.slurm_nodes:
             r = on_slurm(job_path, run_dir, args.slurm_nodes, args.timeout_s)

@@ -245,7 +245,9 @@ class LLMClient:
             if r.healthy:
                 resp = await r.stub(pb_grpc.LLMStub).ModelInfo(pb.ModelInfoRequest(), timeout=timeout)
                 info = MessageToDict(resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-                info["stats"] = {k: int(v) for k, v in info.get("stats", {}).items()}  # uint64 -> int
+                stats = info.get("stats", {})
+                more = stats.pop("more", {})
+                info["stats"] = {k: int(v) for k, v in {**stats, **more}.items()}  # uint64 -> int
                 out.append(info)
         return out
 

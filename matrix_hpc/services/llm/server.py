@@ -294,6 +294,7 @@ class LLMServicer(pb_grpc.LLMServicer):
 
     async def ModelInfo(self, request, context):
         s = self.backend.stats()
+        fixed = set(pb.EngineStats.DESCRIPTOR.fields_by_name) - {"more"}
         return pb.ModelInfoResponse(
             name=self.name,
             model=self.spec.name_served,
@@ -312,6 +313,7 @@ class LLMServicer(pb_grpc.LLMServicer):
                 prefix_cache_queries=s.get("prefix_cache_queries", 0),
                 prefix_cache_hits=s.get("prefix_cache_hits", 0),
                 batch_sum=s.get("batch_sum", 0),
+                more={k: v for k, v in s.items() if k not in fixed},
             ),
         )
 

@@ -86,7 +86,11 @@ class SimSpec(_Strict):
     prefill_token_s: float = Field(32e-6, ge=0)
     decode_seq_s: float = Field(32e-6, ge=0)
     kv_token_s: float = Field(0.04e-6, ge=0)
+    structured_seq_s: float = Field(0.0, ge=0)
+    """Extra per decoding sequence held to a grammar (JSON schema, choice, forced tool call)."""
     max_num_seqs: int = Field(256, ge=1)
+    max_batched_tokens: int | None = Field(None, ge=1)
+    """Tokens one step computes at most (decodes first, then whole prompts that fit); None: no limit."""
     kv_cache_tokens: int = Field(400_000, ge=16)
     """~50 GiB of KV cache at 128 KiB per token (80 GiB H100 less 16 GB of weights and overheads)."""
     max_model_len: int = Field(8192, ge=16)
@@ -96,6 +100,9 @@ class SimSpec(_Strict):
     time_scale: float = Field(1.0, gt=0)
     """Wall seconds per modelled second: 0.1 runs ten times faster than the modelled GPU."""
     seed: int = 0
+    replay: str | None = None
+    """A file a service wrote with ``record`` (relative to the job folder): its requests get the
+    recorded replies, prompt tokens and prefix-cache hits; the others are simulated as usual."""
 
 
 class LLMSpec(_Strict):
@@ -129,6 +136,9 @@ class LLMSpec(_Strict):
     scripted: ScriptedSpec = Field(default_factory=ScriptedSpec)
     sim: SimSpec = Field(default_factory=SimSpec)
     """``sim``: the simulated engine's cost model and reply lengths (a simulation, not a model)."""
+    record: str | None = None
+    """Append each answered call (request key, reply, token counts) to this JSONL file (relative to
+    the job folder), for a ``sim`` service to replay (``sim.replay``)."""
     timeout_s: float = Field(600.0, gt=0)
     """Client deadline per call (all retries included)."""
     retries: int = Field(4, ge=0)

@@ -219,7 +219,14 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EngineStats(_message.Message):
-    __slots__ = ("requests", "in_flight", "max_batch", "steps", "prompt_tokens", "generation_tokens", "prefix_cache_queries", "prefix_cache_hits", "batch_sum")
+    __slots__ = ("requests", "in_flight", "max_batch", "steps", "prompt_tokens", "generation_tokens", "prefix_cache_queries", "prefix_cache_hits", "batch_sum", "more")
+    class MoreEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +236,7 @@ class EngineStats(_message.Message):
     PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SUM_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     requests: int
     in_flight: int
     max_batch: int
@@ -238,7 +246,8 @@ class EngineStats(_message.Message):
     prefix_cache_queries: int
     prefix_cache_hits: int
     batch_sum: int
-    def __init__(self, requests: _Optional[int] = ..., in_flight: _Optional[int] = ..., max_batch: _Optional[int] = ..., steps: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., batch_sum: _Optional[int] = ...) -> None: ...
+    more: _containers.ScalarMap[str, int]
+    def __init__(self, requests: _Optional[int] = ..., in_flight: _Optional[int] = ..., max_batch: _Optional[int] = ..., steps: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., batch_sum: _Optional[int] = ..., more: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
     __slots__ = ("name", "model", "backend", "max_model_len", "max_concurrency", "replica", "stats", "healthy")

@@ -13,7 +13,17 @@ __all__ = ["Backend", "GenRequest", "StreamEvent", "make_backend"]
 
 
 def make_backend(spec: LLMSpec, *, base_dir: Path | str | None = None) -> Backend:
-    """The backend named by ``spec.backend`` (not started: ``await backend.start()``)."""
+    """The backend named by ``spec.backend`` (not started: ``await backend.start()``), recording its
+    replies when ``spec.record`` says so."""
+    backend = _backend(spec, base_dir)
+    if spec.record is None:
+        return backend
+    from matrix_hpc.services.llm.backends.replay import Recorder
+
+    return Recorder(backend, Path(base_dir or ".") / spec.record)
+
+
+def _backend(spec: LLMSpec, base_dir: Path | str | None) -> Backend:
     if spec.backend == "scripted":
         from matrix_hpc.services.llm.backends.scripted import ScriptedBackend
 
@@ -25,7 +35,8 @@ def make_backend(spec: LLMSpec, *, base_dir: Path | str | None = None) -> Backen
     if spec.backend == "sim":
         from matrix_hpc.services.llm.backends.sim import SimBackend
 
-        return SimBackend(spec)
+        replay = None if spec.sim.replay is None else Path(base_dir or ".") / spec.sim.replay
+        return SimBackend(spec, replay=replay)
     if spec.backend == "vllm":
         from matrix_hpc.services.llm.backends.vllm import VLLMBackend
 

@@ -7,6 +7,7 @@ and makes each engine step last what the cost model says:
 
     step time = step_s + prefill_token_s * prompt tokens prefilled in the step
                 + decode_seq_s * sequences decoding + kv_token_s * context tokens they attend to
+                + structured_seq_s * those of them under guided decoding (a schema, choice, tool call)
 
 times ``time_scale`` (below 1 runs faster than the modelled hardware). Reply lengths are drawn per
 request (seeded by the spec's seed, the request's seed and the prompt, so runs repeat) and capped by
@@ -14,6 +15,12 @@ request (seeded by the spec's seed, the request's seed and the prompt, so runs r
 a JSON schema gets its smallest valid instance, a choice one of its options, a forced tool call the
 smallest valid arguments; free text is made of the words ``sim0 sim1 ...`` so nobody mistakes it
 for a model's. ``stats()`` says ``simulated: 1`` with the engine's steps and batch occupancy.
+
+With ``max_batched_tokens`` a step computes at most that many tokens (one per decoding sequence,
+then whole prompts while they fit), as vLLM's scheduler does without chunked prefill. With
+``replay`` (a file a real engine's service wrote with ``record``, backends/replay.py) a recorded
+request gets its recorded reply, prompt tokens and prefix-cache hits (only the others are
+prefilled): the recorded run's workload, timed by the cost model.
 """
 
 from __future__ import annotations
@@ -26,10 +33,12 @@ import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from matrix_hpc.services.llm.backends.base import Backend, GenRequest, StreamEvent
+from matrix_hpc.services.llm.backends.replay import Trace
 from matrix_hpc.services.llm.errors import InvalidArgument
 from matrix_hpc.services.llm.results import ChatResult, Choice, Timing, ToolCall, Usage
 from matrix_hpc.services.llm.spec import LLMSpec, SimSpec
@@ -45,8 +54,14 @@ class _Seq:
     prompt_tokens: int
     target_tokens: int
     out: asyncio.Queue
+    cached: int = 0  # prompt tokens the engine's prefix cache serves (replay only)
+    guided: bool = False  # its tokens are held to a grammar (JSON schema, choice, forced tool call)
     generated: int = 0
     prefilled: bool = False
+
+    @property
+    def to_prefill(self) -> int:
+        return self.context if self.prefilled else self.prompt_tokens - self.cached
 
     @property
     def context(self) -> int:
@@ -61,16 +76,21 @@ class _Clock:
     busy_s: float = 0.0
     batch_sum: int = 0
     max_batch: int = 0
-    prompt_tokens: int = 0
+    attended: int = 0
+    guided_sum: int = 0
+    prompt_tokens: int = 0  # of each request, once, as vLLM counts them
+    cached_tokens: int = 0  # of those, served by the prefix cache (replay only)
+    prefilled_tokens: int = 0  # computed: prompts less cache hits, and preempted contexts again
     generation_tokens: int = 0
     preemptions: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
+    replayed: int = 0
+    replay_misses: int = 0
 
 
 class SimBackend(Backend):
     name = "sim"
 
-    def __init__(self, spec: LLMSpec):
+    def __init__(self, spec: LLMSpec, *, replay: Path | None = None):
         self.cfg: SimSpec = spec.sim
         self.max_model_len = self.cfg.max_model_len
         self._waiting: deque[_Seq] = deque()
@@ -79,6 +99,7 @@ class SimBackend(Backend):
         self._clock = _Clock()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        self._trace = Trace(replay) if replay is not None else None
 
     async def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._engine_loop())
@@ -99,8 +120,15 @@ class SimBackend(Backend):
             "batch_sum": c.batch_sum,
             "busy_ms": int(c.busy_s * 1000),
             "prompt_tokens": c.prompt_tokens,
+            "prefix_cache_queries": c.prompt_tokens,
+            "prefix_cache_hits": c.cached_tokens,
+            "prefilled_tokens": c.prefilled_tokens,
             "generation_tokens": c.generation_tokens,
+            "attended_tokens": c.attended,
+            "guided_sum": c.guided_sum,
             "preemptions": c.preemptions,
+            "replayed": c.replayed,
+            "replay_misses": c.replay_misses,
         }
 
     # --- the engine -------------------------------------------------------------------------
@@ -121,20 +149,24 @@ class SimBackend(Backend):
         """Admit, prefill and decode one step; return its modelled duration in seconds."""
         cfg, c = self.cfg, self._clock
         prefill = 0
+        budget = (cfg.max_batched_tokens or math.inf) - len(self._running)
         while self._waiting and len(self._running) < cfg.max_num_seqs:
             seq = self._waiting[0]
             if self._kv_used + seq.context + 1 > cfg.kv_cache_tokens and self._running:
+                break
+            if prefill + seq.to_prefill > budget and (prefill or self._running):
                 break
             self._waiting.popleft()
             self._running.append(seq)
             self._kv_used += seq.context
             if not seq.prefilled:
-                prefill += seq.prompt_tokens
-                seq.prefilled = True
-            else:  # a preempted sequence recomputes its whole context
-                prefill += seq.context
+                c.prompt_tokens += seq.prompt_tokens
+                c.cached_tokens += seq.cached
+            prefill += seq.to_prefill  # a preempted sequence recomputes its whole context
+            seq.prefilled = True
         decoding = len(self._running)
         attended = sum(s.context for s in self._running)
+        guided = sum(s.guided for s in self._running)
         finished = False
         for seq in self._running:
             seq.generated += 1
@@ -152,17 +184,19 @@ class SimBackend(Backend):
             self._waiting.appendleft(victim)
             c.preemptions += 1
         duration = (cfg.step_s + cfg.prefill_token_s * prefill + cfg.decode_seq_s * decoding
-                    + cfg.kv_token_s * attended)
+                    + cfg.kv_token_s * attended + cfg.structured_seq_s * guided)
         c.steps += 1
         c.busy_s += duration
         c.batch_sum += decoding
+        c.attended += attended
+        c.guided_sum += guided
         c.max_batch = max(c.max_batch, decoding)
-        c.prompt_tokens += prefill
+        c.prefilled_tokens += prefill
         c.generation_tokens += decoding
         return duration
 
-    def _submit(self, prompt_tokens: int, target: int) -> _Seq:
-        seq = _Seq(prompt_tokens, max(target, 1), asyncio.Queue())
+    def _submit(self, prompt_tokens: int, target: int, cached: int = 0, guided: bool = False) -> _Seq:
+        seq = _Seq(prompt_tokens, max(target, 1), asyncio.Queue(), min(cached, prompt_tokens - 1), guided)
         self._waiting.append(seq)
         self._wake.set()
         return seq
@@ -197,6 +231,18 @@ class SimBackend(Backend):
         n = min(wanted, max_tokens)
         return " ".join(f"sim{i}" for i in range(n)), [], "length" if wanted > max_tokens else "stop", n
 
+    def _replayed(self, req: GenRequest) -> tuple[int, int, list] | None:
+        """(prompt tokens, cached ones, plans) as recorded, or None (no trace, or not in it)."""
+        if self._trace is None:
+            return None
+        recorded = self._trace.take(req)
+        if recorded is None:
+            self._clock.replay_misses += 1
+            return None
+        self._clock.replayed += 1
+        plans = [(c.text, c.tool_calls, c.finish_reason, c.completion_tokens) for c in recorded.choices]
+        return recorded.prompt_tokens, recorded.cached_prompt_tokens, plans
+
     def _check(self, req: GenRequest) -> int:
         prompt_tokens = max(1, _tokens(self._prompt_text(req)))
         if prompt_tokens >= self.max_model_len:
@@ -213,9 +259,10 @@ class SimBackend(Backend):
 
     async def stream(self, req: GenRequest) -> AsyncIterator[StreamEvent | ChatResult]:
         t0 = time.perf_counter()
-        prompt_tokens = self._check(req)
-        plans = [self._plan(req, i) for i in range(req.n)]
-        seqs = [self._submit(prompt_tokens, tokens) for _, _, _, tokens in plans]
+        prompt_tokens, cached, plans = self._replayed(req) or (self._check(req), 0, [
+            self._plan(req, i) for i in range(req.n)])
+        guided = bool(req.structured) or bool(req.tools) and req.tool_choice not in ("auto", "none")
+        seqs = [self._submit(prompt_tokens, tokens, cached, guided) for _, _, _, tokens in plans]
         first = 0.0
         choices = []
         for i, (seq, (text, calls, finish, _)) in enumerate(zip(seqs, plans, strict=True)):
@@ -232,8 +279,22 @@ class SimBackend(Backend):
                                   completion_tokens=seq.target_tokens))
         gen = sum(c.completion_tokens for c in choices)
         total = time.perf_counter() - t0
-        yield ChatResult(choices=choices, usage=Usage(prompt_tokens, gen, prompt_tokens + gen),
+        yield ChatResult(choices=choices, usage=Usage(prompt_tokens, gen, prompt_tokens + gen, seqs[0].cached),
                          timing=Timing(0.0, first or total, total))
+
+
+def cost_terms(spec: LLMSpec, seqs: list[tuple[int, int, int, bool]]) -> dict[str, int]:
+    """What the cost model's terms sum to when ``seqs`` (prompt tokens, cached ones, tokens to
+    generate, guided) all arrive at once: the engine's scheduling without its clock. Each term's
+    count times its parameter is the modelled time (``steps`` x step_s, ``prefilled_tokens`` x
+    prefill_token_s, ``batch_sum`` x decode_seq_s, ``attended_tokens`` x kv_token_s, ``guided_sum``
+    x structured_seq_s)."""
+    sim = SimBackend(spec)
+    for prompt, cached, tokens, guided in seqs:
+        sim._submit(prompt, tokens, cached, guided)
+    while sim._waiting or sim._running:
+        sim._step()
+    return sim.stats()
 
 
 def _tokens(text: str) -> int:
