@@ -6,8 +6,8 @@ flight at once, one after the other in this session, each end to end from its co
 (Ray start-up included) to its exit:
 
   reference   ``python -m matrix.agents.p2p_agents --config-name=coral_mmlu_pro_dummy`` in a venv
-              of its own (made here with ``python3 -m venv`` + ``pip install fair-matrix[agent,ray]==0.2.6``
-              unless it exists), on a local Ray it starts itself (RAY_ADDRESS=local);
+              of its own (made here with ``python3 -m venv`` + ``pip install fair-matrix[agent]==0.2.6
+              'ray[default]<2.56'`` unless it exists), on a local Ray it starts itself (RAY_ADDRESS=local);
   matrix-hpc  ``matrix-hpc run benchmarks/coral/job.yaml`` (the same agents, benchmarks/coral).
 
 Prints tasks/s for both, their ratio, and CPU-seconds per hop for both (the CPU time of every
@@ -36,7 +36,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 CORAL = ROOT / "benchmarks" / "coral"
-REFERENCE = "fair-matrix[agent,ray]==0.2.6"
+# Its `ray` extra pulls s3fs/aiobotocore (pip backtracks for minutes; coral needs neither). Ray 2.56
+# removed `ray.put(_owner=...)`, which its agents use: with a newer Ray every task fails at once.
+REFERENCE = ["fair-matrix[agent]==0.2.6", "ray[default]<2.56"]
+PROBE = ("import sys, matrix.agents.p2p_agents, ray; "
+         "sys.exit(f'ray {ray.__version__}' if tuple(map(int, ray.__version__.split('.')[:2])) >= (2, 56) else 0)")
 
 
 def load() -> str:
@@ -108,13 +112,13 @@ def reference_venv(venv: Path) -> str | None:
                               capture_output=True, text=True)
         if made.returncode:
             return f"python3 -m venv {venv} failed: {made.stderr.strip()[-500:]}"
-    probe = subprocess.run([str(python), "-c", "import matrix.agents.p2p_agents, ray"], capture_output=True, text=True)
+    probe = subprocess.run([str(python), "-c", PROBE], capture_output=True, text=True)
     if probe.returncode == 0:
         return None
-    got = subprocess.run([str(python), "-m", "pip", "install", "-q", REFERENCE], capture_output=True, text=True)
+    got = subprocess.run([str(python), "-m", "pip", "install", "-q", *REFERENCE], capture_output=True, text=True)
     if got.returncode:
-        return f"pip install {REFERENCE} failed: {got.stderr.strip()[-800:]}"
-    probe = subprocess.run([str(python), "-c", "import matrix.agents.p2p_agents, ray"], capture_output=True, text=True)
+        return f"pip install {' '.join(REFERENCE)} failed: {got.stderr.strip()[-800:]}"
+    probe = subprocess.run([str(python), "-c", PROBE], capture_output=True, text=True)
     return None if probe.returncode == 0 else f"the reference does not import: {probe.stderr.strip()[-800:]}"
 
 
@@ -135,6 +139,10 @@ def run_reference(venv: Path, rows_file: Path, rows: int, work: Path, timeout_s:
         raise RuntimeError(f"the reference exited {rc} with {done} of {rows} rows written:\n{out[-3000:]}")
     # its history starts with the injected first message (no agent ran it): not a hop
     hops = sum(len(json.loads(line).get("history") or []) - 1 for line in out_file.open())
+    if hops < rows:
+        first = out_file.open().readline()[:600]
+        raise RuntimeError(f"the reference wrote {done} rows but ran {hops} agent hops (a dialogue has several): "
+                           f"its rows are not dialogues. The first: {first}")
     return {"tasks": done, "wall_s": wall, "cpu_s": cpu, "hops": hops, "load_before": before, "load_after": load()}
 
 
