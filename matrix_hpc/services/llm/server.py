@@ -41,6 +41,7 @@ MAX_N = 16
 MAX_LOGPROBS = 20
 # The scalar sampling fields of the contract (``stop`` is a list, handled apart).
 _SAMPLING_FIELDS = tuple(f.name for f in pb.Sampling.DESCRIPTOR.fields if f.name != "stop")
+_FIXED_STATS = frozenset(pb.EngineStats.DESCRIPTOR.fields_by_name) - {"more"}  # the rest go in `more`
 
 
 def _bad(msg: str) -> InvalidArgument:
@@ -294,7 +295,6 @@ class LLMServicer(pb_grpc.LLMServicer):
 
     async def ModelInfo(self, request, context):
         s = self.backend.stats()
-        fixed = set(pb.EngineStats.DESCRIPTOR.fields_by_name) - {"more"}
         return pb.ModelInfoResponse(
             name=self.name,
             model=self.spec.name_served,
@@ -313,7 +313,7 @@ class LLMServicer(pb_grpc.LLMServicer):
                 prefix_cache_queries=s.get("prefix_cache_queries", 0),
                 prefix_cache_hits=s.get("prefix_cache_hits", 0),
                 batch_sum=s.get("batch_sum", 0),
-                more={k: v for k, v in s.items() if k not in fixed},
+                more={k: v for k, v in s.items() if k not in _FIXED_STATS},
             ),
         )
 

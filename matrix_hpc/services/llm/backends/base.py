@@ -30,6 +30,11 @@ class GenRequest:
     def n(self) -> int:
         return int(self.sampling.get("n") or 1)
 
+    @property
+    def forces_tool_call(self) -> bool:
+        """The reply must be a call of one of ``tools`` ("required" or a tool's name)."""
+        return bool(self.tools) and self.tool_choice not in ("auto", "none")
+
 
 @dataclass
 class StreamEvent:

@@ -60,9 +60,6 @@ class Trace:
                     raise ValueError(f"{self.path}:{lineno}: not a recorded reply ({e!r})") from None
                 self._by_key.setdefault(entry["key"], deque()).append(recorded)
 
-    def __len__(self) -> int:
-        return sum(len(q) for q in self._by_key.values())
-
     def take(self, req: GenRequest) -> Recorded | None:
         queue = self._by_key.get(request_key(req))
         if not queue:

@@ -39,7 +39,7 @@ class ScriptedBackend(Backend):
         return req.prompt or ""
 
     def _reply(self, req: GenRequest, index: int) -> tuple[str, list[ToolCall], str]:
-        if req.tools and req.tool_choice not in ("auto", "none"):
+        if req.forces_tool_call:
             tool = next(t for t in req.tools if req.tool_choice in ("required", t["name"]))
             return "", [ToolCall(new_call_id(), tool["name"], json.dumps({}))], "tool_calls"
         if req.structured and "choice" in req.structured:

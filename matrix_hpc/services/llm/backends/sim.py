@@ -261,7 +261,7 @@ class SimBackend(Backend):
         t0 = time.perf_counter()
         prompt_tokens, cached, plans = self._replayed(req) or (self._check(req), 0, [
             self._plan(req, i) for i in range(req.n)])
-        guided = bool(req.structured) or bool(req.tools) and req.tool_choice not in ("auto", "none")
+        guided = bool(req.structured) or req.forces_tool_call
         seqs = [self._submit(prompt_tokens, tokens, cached, guided) for _, _, _, tokens in plans]
         first = 0.0
         choices = []

@@ -183,7 +183,7 @@ class VLLMBackend(Backend):
         s["max_tokens"] = min(int(s.get("max_tokens") or room), room)
         stop = s.pop("stop", None)
         structured = req.structured
-        if req.tools and req.tool_choice not in ("auto", "none"):
+        if req.forces_tool_call:
             structured = {"json": toolkit.forced_call_schema(req.tools, req.tool_choice)}
         so = None
         if structured:
