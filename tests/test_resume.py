@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +22,8 @@ from test_runtime import results
 from matrix_hpc import load_job, run
 from matrix_hpc._gen.v1 import task_pb2
 from matrix_hpc.runtime.driver import ResumeRefused
+from matrix_hpc.services.core.endpoint import ReplicaRef
+from matrix_hpc.services.sandbox.deploy import SandboxEndpoint
 from matrix_hpc.store import RunStore
 
 STEPS = 6
@@ -257,6 +260,69 @@ def test_a_killed_sink_loses_nothing_and_writes_nothing_twice(ray_session, make_
     assert summary.actor_restarts == 1
     finished = [e for e in RunStore.open(job.run_dir).events() if e["kind"] == "finished"]
     assert [(e["done"], e["actor_restarts"]) for e in finished] == [(rows, 1)]
+
+
+class HungService:
+    """A service that accepts connections and never answers, until ``close()`` (then it is gone)."""
+
+    def __init__(self, path: Path):
+        self.path, self.accepted = path, []
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(str(path))
+        self.server.listen()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.accepted.append(self.server.accept()[0])
+            except OSError:  # closed
+                return
+
+    def close(self) -> None:
+        if self.server.fileno() < 0:
+            return
+        self.server.shutdown(socket.SHUT_RDWR)
+        self.server.close()
+        for conn in self.accepted:
+            conn.close()
+        self.path.unlink()
+
+
+def test_a_sink_killed_between_its_commit_and_telling_the_source(ray_session, make_job, tmp_path):
+    """A sink commits, releases the tasks' sandbox sessions, then tells the source. Killed in between
+    (here while the sandbox service hangs), its rows are committed yet still in flight at the source:
+    the recovery must free their places, or the run never ends."""
+    rows = 60
+    path = make_job(COUNTING.replace("STEPS = 6", "STEPS = 2"), ROLES, "ping", rows=rows,
+                    run={"max_in_flight": 40, "sinks": 2, "commit_interval_s": 0.3},
+                    services={"sandbox": {"box": {}}})
+    job = load_job(path)
+    hung = HungService(tmp_path / "hung.sock")
+    box = SandboxEndpoint(name="box", replicas=[ReplicaRef(f"unix:{hung.path}")])
+    committed_at_kill = []
+
+    def kill_sink_while_it_releases(r):
+        def go():
+            victim = r.sinks[0]
+            while (done := ray_session.get(victim.stats.remote())["done"]) == 0:
+                time.sleep(0.01)
+            ray_session.kill(victim, no_restart=False)
+            committed_at_kill.append(done)
+            hung.close()  # from now on a release fails at once (and is only warned about)
+        threading.Thread(target=go, daemon=True).start()
+
+    try:
+        with deadline(120):
+            summary = run(job, progress=False, on_start=kill_sink_while_it_releases,
+                          services={"sandbox": {"box": box}})
+    finally:
+        hung.close()
+    got = results(job)
+    assert Counter(t.task_id for t, _ in got) == Counter({f"r{i}#0": 1 for i in range(rows)})
+    assert summary.done == rows and summary.actor_restarts == 1
+    events = RunStore.open(job.run_dir).events()
+    assert [e["tasks"] for e in events if e["kind"] == "committed_unreported"] == committed_at_kill
 
 
 def test_resume_of_a_changed_job_is_refused_unless_forced(ray_session, make_job):

@@ -197,10 +197,19 @@ class Recovery:
         self.cut(while_paused=adopt)
 
     def _reinject_lost(self, outstanding: list[str], held: dict[str, bytes]) -> None:
-        lost = [tid for tid in outstanding if tid not in held]
-        if lost:
-            committed = self.store.committed()
-            lost = [tid for tid in lost if tid not in committed]
+        """Re-send the tasks in flight that no actor holds. Those among them already committed were
+        committed by a sink that died before telling the source: they only free their places."""
+        missing = [tid for tid in outstanding if tid not in held]
+        if not missing:
+            return
+        committed = self.store.committed()
+        unreported = [tid for tid in missing if tid in committed]
+        if unreported:
+            log.warning("%d task(s) committed by a sink that died before telling the source; no longer in flight",
+                        len(unreported))
+            get(self.source.finished.remote(unreported))
+            self.event("committed_unreported", tasks=len(unreported))
+        lost = [tid for tid in missing if tid not in committed]
         if lost:
             log.warning("re-sending %d task(s) lost with a dead actor, from their last known state", len(lost))
             n = get(self.source.reinject.remote(lost))
