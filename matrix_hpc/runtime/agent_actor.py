@@ -11,7 +11,6 @@ import gc
 import inspect
 import logging
 import sys
-import threading
 import time
 import uuid
 from collections import deque
@@ -26,6 +25,7 @@ from matrix_hpc.runtime.context import Context
 from matrix_hpc.runtime.message import DONE_STATUS, Task, set_error, undeliverable
 from matrix_hpc.runtime.nodes import output_to_run_dir, this_node
 from matrix_hpc.runtime.router import Directory, Router, resolve
+from matrix_hpc.runtime.step_threads import StepJob, StepThreads
 
 _LATENCY_SAMPLES = 4096
 SLOW_FACTOR = 20  # a step this many times its role's median latency is reported as slow
@@ -60,36 +60,6 @@ def payload_class(job: Job) -> type:
         __import__(name.removesuffix(".py"))
     desc = descriptor_pool.Default().FindMessageTypeByName(job.payload_type)
     return message_factory.GetMessageClass(desc)
-
-
-def _in_own_thread(fn, *args, name: str) -> tuple[asyncio.Future, threading.Thread]:
-    """Run ``fn(*args)`` in a new daemon thread; the future (of the running loop) gets its outcome.
-    Cancelling the future (a timeout) leaves the thread running, and its outcome is dropped."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def settle(value, error) -> None:
-        if future.done():  # cancelled by the step's timeout
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
-
-    def target() -> None:
-        value, error = None, None
-        try:
-            value = fn(*args)
-        except BaseException as e:  # noqa: BLE001 - handed to the awaiting step, which records it
-            error = e
-        try:
-            loop.call_soon_threadsafe(settle, value, error)
-        except RuntimeError:  # the loop is closed: the actor is stopping and nobody waits for it
-            pass
-
-    thread = threading.Thread(target=target, name=name, daemon=True)
-    thread.start()
-    return future, thread
 
 
 GC_THRESHOLDS = (50_000, 20, 100)  # Python's default: (700, 10, 10)
@@ -152,7 +122,8 @@ class AgentActor(ActorBase):
         self.latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
         self.started: dict[str, tuple[int, float]] = {}  # task id -> (step, start) of running steps
         self.reported_slow: set[tuple[str, int]] = set()
-        self.abandoned: set[threading.Thread] = set()  # threads of sync steps that ran past their timeout
+        self.threads = StepThreads(f"{role}-step")  # where a synchronous agent's steps run
+        self.abandoned: set[StepJob] = set()  # sync steps that ran past their timeout
 
     async def deliver(self, items: list) -> int:
         self.inbox.extend(await resolve(items))
@@ -244,14 +215,15 @@ class AgentActor(ActorBase):
         return waited + pause
 
     async def _call(self, payload, ctx: Context):
-        """One try of the step; a synchronous agent runs in a thread of its own, so that its timeout
-        holds, it does not stall the other steps of this actor, and a step that hangs past its
+        """One try of the step; a synchronous agent runs in a thread (``StepThreads``), so that its
+        timeout holds, it does not stall the other steps of this actor, and a step that hangs past its
         timeout holds no slot another step needs (its thread is abandoned: Python cannot stop it)."""
-        thread = None
+        job = None
         if inspect.iscoroutinefunction(self.step_fn):
             result = self.step_fn(payload, ctx)
         else:
-            result, thread = _in_own_thread(self.step_fn, payload, ctx, name=f"{self.role}-step-{ctx.task_id}")
+            job = self.threads.submit(self.step_fn, payload, ctx)
+            result = job.future
         if not inspect.isawaitable(result):
             return result
         limit = asyncio.timeout(self.timeout)
@@ -263,17 +235,17 @@ class AgentActor(ActorBase):
         except TimeoutError:
             if not limit.expired():  # the agent's own TimeoutError (a call of its that timed out)
                 raise
-            if thread is not None and thread.is_alive():
-                self._abandon(thread)
+            if job is not None and job.running:
+                self._abandon(job, ctx)
             raise StepTimeout(f"step {ctx.step} of role {self.role!r} ran past its limit of "
                               f"{self.timeout:g}s (roles.{self.role}.step_timeout_s)") from None
         return result
 
-    def _abandon(self, thread: threading.Thread) -> None:
-        self.abandoned = {t for t in self.abandoned if t.is_alive()} | {thread}
-        self.logger.warning("role %s: %s ran past its timeout and still runs; the step fails and its slot goes to "
-                            "the next one (%d such thread(s) alive in this actor)", self.role, thread.name,
-                            len(self.abandoned))
+    def _abandon(self, job: StepJob, ctx: Context) -> None:
+        self.abandoned = {j for j in self.abandoned if j.running} | {job}
+        self.logger.warning("role %s: step %d of task %s ran past its timeout and its thread still runs; the step "
+                            "fails and its slot goes to the next one (%d such thread(s) alive in this actor)",
+                            self.role, ctx.step, ctx.task_id, len(self.abandoned))
 
     def slow_steps(self) -> list[dict]:
         """Steps running far past this role's usual latency (each reported once)."""
@@ -297,7 +269,7 @@ class AgentActor(ActorBase):
         out = {
             "incarnation": self.incarnation, "role": self.role, "inbox": len(self.inbox),
             "active": len(self.active), "steps": self.steps, "node": self.node, "last_error": self.last_error,
-            "step_timeout_s": self.timeout, "abandoned_threads": sum(t.is_alive() for t in self.abandoned),
+            "step_timeout_s": self.timeout, "abandoned_threads": sum(j.running for j in self.abandoned),
             "send_retries": self.router.send_retries,
             "sent_batches": self.router.sent_batches, "sent_messages": self.router.sent_messages,
         }
