@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 OWNER_VAR = "MATRIX_HPC_RUN_OWNER"
@@ -108,21 +109,58 @@ def owner_gone() -> bool:
 
 # -- finding and stopping the processes of one mark ---------------------------------------------------
 
-def _marked(needle: bytes, uid: int) -> list[int]:
+def _pids_of(uid: int, proc_file: str, found: Callable[[bytes], bool]) -> list[int]:
+    """This user's processes (not this one) whose ``/proc/PID/<proc_file>`` satisfies ``found(bytes)``."""
     me = os.getpid()
-    found = []
+    pids = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
         try:
             if entry.stat().st_uid != uid:
                 continue
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    found.append(int(entry.name))
+            with open(f"/proc/{entry.name}/{proc_file}", "rb") as f:
+                if found(f.read()):
+                    pids.append(int(entry.name))
         except OSError:  # gone meanwhile, or not ours to read
             continue
-    return found
+    return pids
+
+
+def _marked(needle: bytes, uid: int) -> list[int]:
+    return _pids_of(uid, "environ", lambda data: needle in data.split(b"\0"))
+
+
+def _kill_until_none(find: Callable[[], list[int]], deadline_s: float, shm: set[str] | None = None) -> set[int]:
+    """SIGKILL what ``find()`` returns until it returns nothing (a process may fork while we look);
+    collect into ``shm`` the shared memory they had mapped. Returns the pids killed."""
+    killed: set[int] = set()
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        pids = [p for p in find() if _is_running(p)]
+        if not pids:
+            break
+        for pid in pids:
+            if shm is not None:
+                shm |= _shared_memory_of(pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except OSError:
+                pass
+        time.sleep(0.02)  # let the kernel finish the kills before looking again
+    return killed
+
+
+def stop_users_of(folder: str | Path, deadline_s: float = SWEEP_DEADLINE_S) -> int:
+    """SIGKILL every process of this user whose command line names ``folder``, until none is left;
+    returns how many. Ray's processes name their temporary folder, and a worker Ray was starting when
+    its node stopped (in a process group of its own) would otherwise make the folder again once it
+    has been removed."""
+    path, uid = str(folder).encode(), os.geteuid()
+    names = (path + b"/", path + b"\0")  # the folder or a path in it, not a sibling whose name starts alike
+    found = lambda data: any(n in data for n in names)  # noqa: E731
+    return len(_kill_until_none(lambda: _pids_of(uid, "cmdline", found), deadline_s))
 
 
 def _shared_memory_of(pid: int) -> set[str]:
@@ -175,21 +213,8 @@ def sweep(owner_mark: str, temp_dir: str | Path | None = None, deadline_s: float
     may fork while we look); then unlink the shared memory they held and remove ``temp_dir``.
     Returns how many processes were killed."""
     needle, uid = f"{OWNER_VAR}={owner_mark}".encode(), os.geteuid()
-    killed: set[int] = set()
     shm: set[str] = set()
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        pids = [p for p in _marked(needle, uid) if _is_running(p)]
-        if not pids:
-            break
-        for pid in pids:
-            shm |= _shared_memory_of(pid)
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.add(pid)
-            except OSError:
-                pass
-        time.sleep(0.02)  # let the kernel finish the kills before looking again
+    killed = _kill_until_none(lambda: _marked(needle, uid), deadline_s, shm)
     unlink_shared_memory(shm)
     if temp_dir is not None:
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from matrix_hpc import fate
 from matrix_hpc.retry import retrying_sync
 from matrix_hpc.rundir import RunDir
 
@@ -146,6 +147,7 @@ class RayNode:
             # into the folder again while it is being removed.
             _signal_group(self.proc.pid, signal.SIGKILL)
         if self.temp_dir is not None:
+            fate.stop_users_of(self.temp_dir)  # e.g. a worker the raylet was starting: it would make the folder again
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
